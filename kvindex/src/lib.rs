@@ -1,0 +1,12 @@
+//! kvindex: a global index of which engine holds which KV blocks, on which tier.
+//!
+//! (Model documentation is completed in `index.rs`; this header is expanded once all modules land.)
+#![deny(unsafe_code)]
+
+pub mod codec;
+pub mod error;
+pub mod event;
+pub mod vllm_hash;
+
+pub use error::{ErrorKind, IndexError, Result};
+pub use event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};

@@ -1,0 +1,4 @@
+//! The `kvmesh` command.
+fn main() {
+    println!("kvmesh");
+}
