@@ -6,7 +6,15 @@
 pub mod codec;
 pub mod error;
 pub mod event;
+pub mod index;
+pub mod key;
+pub mod table;
 pub mod vllm_hash;
 
 pub use error::{ErrorKind, IndexError, Result};
 pub use event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};
+pub use index::{
+    ApplyReport, EngineId, EngineMatch, EngineSpec, EngineStats, Index, IndexConfig, IndexStats,
+    Query, QueryBlocks, Tier,
+};
+pub use key::{BlockKey, KeyHasher, MmItem, Namespace};

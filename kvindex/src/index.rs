@@ -1,0 +1,1331 @@
+//! The in-memory index: which engine holds which block, on which tier.
+//!
+//! # Model
+//!
+//! * **Blocks** are named by [`BlockKey`]s (see [`crate::key`]). The block table maps a key to
+//!   the engines holding it: one 16-byte slot per (key, group of 8 engines), whose value packs a
+//!   4-bit tier mask per engine, the group number, the block's depth in its chain (saturating at
+//!   255) and a 16-bit recency stamp.
+//! * **Aliases** map an engine's own block hash (opaque, as published in its events) to the key
+//!   kvmesh computed for that block. Aliases are shared between engines: engines with the same hash
+//!   algorithm and seed agree on them, and a 64-bit collision between different ones is counted.
+//!   Aliases whose key no engine holds any more are collected when the alias table is rebuilt.
+//! * **Reference counts.** A block announced twice by one engine on one tier needs two removals;
+//!   the rare counts above one live in a side map.
+//!
+//! # Threads
+//!
+//! One writer at a time (a mutex serialises [`Index::apply`] and the engine operations). Queries
+//! take no lock at all: they read the tables through atomics (see [`crate::table`]) and never wait
+//! behind ingestion. Tables grow (or are cleaned) by building a new table and swapping a pointer;
+//! a query that started on the old table finishes on it.
+//!
+//! # Memory
+//!
+//! Both tables are bounded by [`IndexConfig::byte_budget`] (half each). When the block table can
+//! grow no more, the least recently used blocks are evicted, deepest first among equally old ones,
+//! so chains shrink from their leaves. `bytes_per_block` in [`IndexStats`] is measured, not assumed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+
+use crate::event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};
+use crate::key::{block_extras, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem, Namespace};
+use crate::table::{Occupancy, Table, SLOT_BYTES};
+use crate::{IndexError, Result};
+
+/// A storage tier of an engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Tier {
+    /// The engine's own KV cache (vLLM's `"GPU"` medium, also on the CPU build).
+    Gpu = 0,
+    /// Host-memory offload.
+    Cpu = 1,
+    /// Local disk or file-system offload.
+    Storage = 2,
+    /// A remote or shared store (events with `locality = "REMOTE"` or an unknown medium).
+    Remote = 3,
+}
+
+/// Number of tiers.
+pub const TIERS: usize = 4;
+
+impl Tier {
+    /// All tiers, in order.
+    pub const ALL: [Tier; TIERS] = [Tier::Gpu, Tier::Cpu, Tier::Storage, Tier::Remote];
+
+    /// The tier an event's `medium` and `locality` name. A missing medium is the GPU tier.
+    pub fn of(medium: Option<&Medium>, locality: Option<&str>) -> Tier {
+        if locality.is_some_and(|l| l.eq_ignore_ascii_case("REMOTE")) {
+            return Tier::Remote;
+        }
+        match medium {
+            None | Some(Medium::Gpu) => Tier::Gpu,
+            Some(Medium::Cpu) => Tier::Cpu,
+            Some(Medium::Storage) => Tier::Storage,
+            Some(Medium::Other(_)) => Tier::Remote,
+        }
+    }
+
+    /// Lower-case name (`gpu`, `cpu`, `storage`, `remote`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Tier::Gpu => "gpu",
+            Tier::Cpu => "cpu",
+            Tier::Storage => "storage",
+            Tier::Remote => "remote",
+        }
+    }
+}
+
+/// Settings of an [`Index`].
+#[derive(Clone, Debug)]
+pub struct IndexConfig {
+    /// Upper bound of the tables' memory, in bytes. Default 1 GiB.
+    pub byte_budget: usize,
+    /// Score weight of a block per tier (a block on several tiers counts its best). Default
+    /// gpu 1.0, cpu 0.8, storage 0.5, remote 0.25.
+    pub tier_weights: [f64; TIERS],
+    /// Slots each table starts with. Default 4096.
+    pub initial_slots: usize,
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig {
+            byte_budget: 1 << 30,
+            tier_weights: [1.0, 0.8, 0.5, 0.25],
+            initial_slots: 4096,
+        }
+    }
+}
+
+/// Identifies an engine: a pod (or any unique name) and a data-parallel rank.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EngineSpec {
+    /// Pod or instance name, unique in the cluster.
+    pub pod: String,
+    /// Data-parallel rank (0 when not data-parallel).
+    pub dp_rank: u32,
+    /// The model the engine serves; it scopes the engine's block keys.
+    pub model: String,
+}
+
+impl EngineSpec {
+    /// The engine's display name: `pod` for rank 0, `pod#dp<rank>` otherwise.
+    pub fn name(&self) -> String {
+        if self.dp_rank == 0 {
+            self.pod.clone()
+        } else {
+            format!("{}#dp{}", self.pod, self.dp_rank)
+        }
+    }
+}
+
+/// The index's handle of a registered engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EngineId(pub u32);
+
+/// Engines per block-table slot.
+const LANES: u32 = 8;
+/// At most this many engines (256 groups of 8).
+pub const MAX_ENGINES: usize = 2048;
+
+/// What readers know of an engine.
+pub struct EngineInfo {
+    /// The engine's identity.
+    pub spec: EngineSpec,
+    /// Display name.
+    pub name: Arc<str>,
+    /// Tokens per block as learned from its events (0 until the first event with tokens).
+    block_size: AtomicU32,
+}
+
+impl EngineInfo {
+    /// Tokens per block, if known yet.
+    pub fn block_size(&self) -> Option<u32> {
+        match self.block_size.load(Ordering::Relaxed) {
+            0 => None,
+            b => Some(b),
+        }
+    }
+}
+
+// Block-table value layout.
+const GROUP_SHIFT: u32 = 32;
+const DEPTH_SHIFT: u32 = 40;
+const STAMP_SHIFT: u32 = 48;
+
+#[inline]
+fn v_group(v: u64) -> u32 {
+    ((v >> GROUP_SHIFT) & 0xff) as u32
+}
+#[inline]
+fn v_depth(v: u64) -> u32 {
+    ((v >> DEPTH_SHIFT) & 0xff) as u32
+}
+#[inline]
+fn v_stamp(v: u64) -> u16 {
+    (v >> STAMP_SHIFT) as u16
+}
+#[inline]
+fn with_stamp(v: u64, stamp: u16) -> u64 {
+    (v & !(0xffff << STAMP_SHIFT)) | (u64::from(stamp) << STAMP_SHIFT)
+}
+#[inline]
+fn tier_bit(lane: u32, tier: Tier) -> u64 {
+    1u64 << (lane * 4 + tier as u32)
+}
+
+/// Load factor above which a table is grown, cleaned or evicted.
+const MAX_LOAD: f64 = 0.85;
+/// Growth factor of a table.
+const GROWTH: f64 = 1.5;
+/// Eviction brings the block table down to this load.
+const EVICT_TO: f64 = 0.75;
+/// Stored blocks per tick of the recency clock.
+const CLOCK_TICK_OPS: u64 = 4096;
+
+/// Counters of an index. A snapshot; see [`Index::stats`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct IndexStats {
+    /// Registered engines.
+    pub engines: usize,
+    /// Distinct block keys held by at least one engine.
+    pub blocks: usize,
+    /// (engine, block, tier) memberships.
+    pub memberships: usize,
+    /// Live block-table slots (one per key and group of 8 engines).
+    pub block_slots: usize,
+    /// Engine-hash aliases held.
+    pub aliases: usize,
+    /// Bytes held by the tables.
+    pub bytes: usize,
+    /// `bytes / blocks` (0 when empty).
+    pub bytes_per_block: f64,
+    /// The configured byte budget.
+    pub byte_budget: usize,
+    /// Events applied.
+    pub events: u64,
+    /// Block announcements applied (BlockStored, per block).
+    pub blocks_stored: u64,
+    /// Block removals applied (BlockRemoved, per block).
+    pub blocks_removed: u64,
+    /// Removals of blocks the index did not know.
+    pub unknown_removals: u64,
+    /// Stored events whose parent was unknown (reported to the caller).
+    pub orphans: u64,
+    /// Orphans later applied with their recovered ancestry.
+    pub orphans_recovered: u64,
+    /// Orphans the caller could not recover (see [`Index::note_unrecovered`]).
+    pub orphans_unrecovered: u64,
+    /// Tokenless tier events whose engine hash was unknown.
+    pub unresolved_tier_events: u64,
+    /// Events of KV-cache groups other than 0 (hybrid models), not indexed.
+    pub other_group_events: u64,
+    /// Events whose token count does not match their blocks.
+    pub malformed_events: u64,
+    /// Engine hashes that collided with another block's alias.
+    pub alias_conflicts: u64,
+    /// Blocks evicted to stay within the byte budget.
+    pub evicted_blocks: u64,
+    /// Queries answered.
+    pub queries: u64,
+}
+
+/// Per-engine counters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineStats {
+    pub id: EngineId,
+    pub name: Arc<str>,
+    pub spec: EngineSpec,
+    /// Blocks held, per tier.
+    pub blocks: [u64; TIERS],
+    pub block_size: Option<u32>,
+}
+
+/// What applying one batch did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ApplyReport {
+    pub blocks_stored: usize,
+    pub blocks_removed: usize,
+    pub cleared: bool,
+    /// Stored events whose parent hash is unknown: nothing of them was applied. The caller may
+    /// recover their ancestry (through a replay) and call [`Index::apply_stored_with_ancestry`].
+    pub orphans: Vec<BlockStored>,
+    /// Tokenless tier-event hashes that resolved to no known block.
+    pub unresolved: Vec<EngineHash>,
+}
+
+/// Which blocks a query asks about.
+#[derive(Clone, Copy, Debug)]
+pub enum QueryBlocks<'a> {
+    /// A prompt's token ids (keys are computed per engine block size), with its multimodal items.
+    Tokens { tokens: &'a [u32], mm: &'a [MmItem] },
+    /// kvmesh block keys, computed by the caller.
+    Keys(&'a [BlockKey]),
+    /// vLLM's own block hashes (int form), as computed by the caller with the engines' algorithm.
+    VllmHashes(&'a [EngineHash]),
+}
+
+/// A question to the index.
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a> {
+    /// Namespace of the prompt (used for [`QueryBlocks::Tokens`]; engines of other models are
+    /// skipped).
+    pub namespace: &'a Namespace,
+    pub blocks: QueryBlocks<'a>,
+    /// Only these engines (all when `None`).
+    pub engines: Option<&'a [EngineId]>,
+}
+
+/// One engine's answer.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineMatch {
+    pub engine: EngineId,
+    pub name: Arc<str>,
+    /// Longest run of consecutive blocks from block 0 held on any tier.
+    pub matched_blocks: u32,
+    /// `matched_blocks` times the engine's block size.
+    pub matched_tokens: u32,
+    /// Of the matched blocks, how many are held on each tier.
+    pub tiers: [u32; TIERS],
+    /// Sum over matched blocks of the best weight among the tiers holding each.
+    pub score: f64,
+}
+
+/// Per query scratch, sized to the engine slots.
+struct Walk {
+    matched: Vec<u32>,
+    tiers: Vec<[u32; TIERS]>,
+    score: Vec<f64>,
+    allowed: Vec<bool>,
+}
+
+impl Walk {
+    fn new(n: usize) -> Self {
+        Walk {
+            matched: vec![0; n],
+            tiers: vec![[0; TIERS]; n],
+            score: vec![0.0; n],
+            allowed: vec![false; n],
+        }
+    }
+}
+
+struct Inner {
+    config: IndexConfig,
+    blocks: ArcSwap<Table>,
+    aliases: ArcSwap<Table>,
+    engines: ArcSwap<Vec<Option<Arc<EngineInfo>>>>,
+    clock: AtomicU64,
+    queries: AtomicU64,
+    writer: Mutex<Writer>,
+}
+
+/// Writer-side state, under the writer lock.
+struct Writer {
+    blocks: Arc<Table>,
+    aliases: Arc<Table>,
+    blocks_occ: Occupancy,
+    aliases_occ: Occupancy,
+    distinct: usize,
+    memberships: usize,
+    /// Announcements beyond the first, per (engine, key, tier).
+    dups: HashMap<(u32, u64, u8), u32>,
+    counts: Vec<[u64; TIERS]>,
+    by_spec: HashMap<EngineSpec, u32>,
+    hasher: KeyHasher,
+    evict_hand: usize,
+    ops: u64,
+    stats: IndexStats,
+}
+
+/// The index. Cheap to clone (a shared handle); `Send + Sync`.
+#[derive(Clone)]
+pub struct Index {
+    inner: Arc<Inner>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index::new(IndexConfig::default())
+    }
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new(config: IndexConfig) -> Self {
+        let slots = config.initial_slots.max(64);
+        let blocks = Arc::new(Table::new(slots));
+        let aliases = Arc::new(Table::new(slots));
+        let writer = Writer {
+            blocks: blocks.clone(),
+            aliases: aliases.clone(),
+            blocks_occ: Occupancy::default(),
+            aliases_occ: Occupancy::default(),
+            distinct: 0,
+            memberships: 0,
+            dups: HashMap::new(),
+            counts: Vec::new(),
+            by_spec: HashMap::new(),
+            hasher: KeyHasher::new(),
+            evict_hand: 0,
+            ops: 0,
+            stats: IndexStats { byte_budget: config.byte_budget, ..IndexStats::default() },
+        };
+        Index {
+            inner: Arc::new(Inner {
+                config,
+                blocks: ArcSwap::new(blocks),
+                aliases: ArcSwap::new(aliases),
+                engines: ArcSwap::new(Arc::new(Vec::new())),
+                clock: AtomicU64::new(0),
+                queries: AtomicU64::new(0),
+                writer: Mutex::new(writer),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IndexConfig {
+        &self.inner.config
+    }
+
+    /// Registers an engine (idempotent: the same spec gives the same id).
+    pub fn add_engine(&self, spec: EngineSpec) -> Result<EngineId> {
+        let mut w = self.inner.writer.lock();
+        if let Some(&id) = w.by_spec.get(&spec) {
+            return Ok(EngineId(id));
+        }
+        let engines = self.inner.engines.load_full();
+        let slot = match engines.iter().position(Option::is_none) {
+            Some(s) => s,
+            None if engines.len() < MAX_ENGINES => engines.len(),
+            None => return Err(IndexError::TooManyEngines { limit: MAX_ENGINES }),
+        };
+        let mut next: Vec<Option<Arc<EngineInfo>>> = (*engines).clone();
+        if slot == next.len() {
+            next.push(None);
+        }
+        next[slot] = Some(Arc::new(EngineInfo {
+            name: spec.name().into(),
+            spec: spec.clone(),
+            block_size: AtomicU32::new(0),
+        }));
+        self.inner.engines.store(Arc::new(next));
+        if w.counts.len() <= slot {
+            w.counts.resize(slot + 1, [0; TIERS]);
+        }
+        w.counts[slot] = [0; TIERS];
+        w.by_spec.insert(spec, slot as u32);
+        w.stats.engines = w.by_spec.len();
+        Ok(EngineId(slot as u32))
+    }
+
+    /// Looks an engine up by its spec.
+    pub fn engine_id(&self, spec: &EngineSpec) -> Option<EngineId> {
+        self.inner.writer.lock().by_spec.get(spec).map(|&i| EngineId(i))
+    }
+
+    /// Looks an engine up by its display name.
+    pub fn engine_by_name(&self, name: &str) -> Option<EngineId> {
+        self.inner.engines.load().iter().enumerate().find_map(|(i, e)| {
+            e.as_ref().filter(|e| &*e.name == name).map(|_| EngineId(i as u32))
+        })
+    }
+
+    /// What readers know of an engine.
+    pub fn engine(&self, id: EngineId) -> Option<Arc<EngineInfo>> {
+        self.inner.engines.load().get(id.0 as usize).cloned().flatten()
+    }
+
+    /// All registered engines.
+    pub fn engines(&self) -> Vec<(EngineId, Arc<EngineInfo>)> {
+        self.inner
+            .engines
+            .load()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.clone().map(|e| (EngineId(i as u32), e)))
+            .collect()
+    }
+
+    /// Removes an engine and purges every block it held.
+    pub fn remove_engine(&self, id: EngineId) -> Result<()> {
+        let mut w = self.inner.writer.lock();
+        let info = self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        w.purge(id.0);
+        w.by_spec.remove(&info.spec);
+        w.stats.engines = w.by_spec.len();
+        let mut next = (*self.inner.engines.load_full()).clone();
+        next[id.0 as usize] = None;
+        self.inner.engines.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// Forgets every block of one engine (as for `AllBlocksCleared`, or an engine restart).
+    pub fn clear_engine(&self, id: EngineId) -> Result<()> {
+        self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        self.inner.writer.lock().purge(id.0);
+        Ok(())
+    }
+
+    /// Applies one batch of events published by engine `id`.
+    pub fn apply(&self, id: EngineId, batch: &EventBatch) -> Result<ApplyReport> {
+        let info = self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        let mut w = self.inner.writer.lock();
+        let mut report = ApplyReport::default();
+        for ev in &batch.events {
+            w.stats.events += 1;
+            match ev {
+                KvEvent::BlockStored(s) => w.apply_stored(&self.inner, id.0, &info, s, false, &mut report),
+                KvEvent::BlockRemoved(r) => w.apply_removed(id.0, r, &mut report),
+                KvEvent::AllBlocksCleared => {
+                    w.purge(id.0);
+                    report.cleared = true;
+                }
+            }
+        }
+        w.publish(&self.inner);
+        Ok(report)
+    }
+
+    /// Applies an orphaned `BlockStored` together with its recovered ancestry: `ancestors` are
+    /// the Stored events that lead from a known block (or the root) to the orphan's parent, oldest
+    /// first. Ancestors are marked held without raising reference counts (they are re-announcements
+    /// of blocks the engine already has). Returns false (and applies nothing) if the ancestry does
+    /// not connect.
+    pub fn apply_stored_with_ancestry(
+        &self,
+        id: EngineId,
+        ancestors: &[BlockStored],
+        orphan: &BlockStored,
+    ) -> Result<bool> {
+        let info = self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        let mut w = self.inner.writer.lock();
+        let mut report = ApplyReport::default();
+        for a in ancestors {
+            w.apply_stored(&self.inner, id.0, &info, a, true, &mut report);
+            if !report.orphans.is_empty() {
+                w.stats.orphans -= report.orphans.len() as u64;
+                w.publish(&self.inner);
+                return Ok(false);
+            }
+        }
+        w.apply_stored(&self.inner, id.0, &info, orphan, false, &mut report);
+        let ok = report.orphans.is_empty();
+        if ok {
+            w.stats.orphans_recovered += 1;
+        } else {
+            w.stats.orphans -= 1;
+        }
+        w.publish(&self.inner);
+        Ok(ok)
+    }
+
+    /// Counts orphans the caller could not recover (no replay endpoint, or a replay that did not
+    /// reach back far enough).
+    pub fn note_unrecovered(&self, n: u64) {
+        self.inner.writer.lock().stats.orphans_unrecovered += n;
+    }
+
+    /// Answers a query without taking any lock. Engines with no matched block are omitted;
+    /// the rest are sorted by score (best first), then by name.
+    pub fn query(&self, q: &Query<'_>) -> Vec<EngineMatch> {
+        self.inner.queries.fetch_add(1, Ordering::Relaxed);
+        let engines = self.inner.engines.load();
+        let blocks = self.inner.blocks.load();
+        let stamp = self.inner.clock.load(Ordering::Relaxed) as u16;
+        let n = engines.len();
+        let mut walk = Walk::new(n);
+        let weights = &self.inner.config.tier_weights;
+        let allowed = |i: usize| match q.engines {
+            None => true,
+            Some(list) => list.iter().any(|e| e.0 as usize == i),
+        };
+        match q.blocks {
+            QueryBlocks::Tokens { tokens, mm } => {
+                // One walk per distinct block size among the candidate engines of this model.
+                let mut sizes: Vec<u32> = Vec::new();
+                for (i, e) in engines.iter().enumerate() {
+                    if let Some(e) = e {
+                        if e.spec.model == q.namespace.model && allowed(i) {
+                            if let Some(bs) = e.block_size() {
+                                if !sizes.contains(&bs) {
+                                    sizes.push(bs);
+                                }
+                            }
+                        }
+                    }
+                }
+                let mut hasher = KeyHasher::new();
+                for bs in sizes {
+                    for (i, e) in engines.iter().enumerate() {
+                        walk.allowed[i] = e.as_ref().is_some_and(|e| {
+                            e.spec.model == q.namespace.model && e.block_size() == Some(bs)
+                        }) && allowed(i);
+                    }
+                    let bsz = bs as usize;
+                    let mut prev = q.namespace.root_seed();
+                    let nblocks = tokens.len() / bsz;
+                    walk_chain(&blocks, &mut walk, weights, stamp, nblocks, |i| {
+                        let toks = &tokens[i * bsz..(i + 1) * bsz];
+                        let k = if mm.is_empty() {
+                            hasher.next(prev, toks)
+                        } else {
+                            hasher.next_with(prev, toks, &block_extras(mm, i, bsz))
+                        };
+                        prev = k.0;
+                        Some(k.0)
+                    });
+                }
+            }
+            QueryBlocks::Keys(keys) => {
+                for (i, e) in engines.iter().enumerate() {
+                    walk.allowed[i] = e.is_some() && allowed(i);
+                }
+                walk_chain(&blocks, &mut walk, weights, stamp, keys.len(), |i| Some(keys[i].0));
+            }
+            QueryBlocks::VllmHashes(hashes) => {
+                for (i, e) in engines.iter().enumerate() {
+                    walk.allowed[i] = e.is_some() && allowed(i);
+                }
+                let aliases = self.inner.aliases.load();
+                walk_chain(&blocks, &mut walk, weights, stamp, hashes.len(), |i| {
+                    aliases.get(alias_key(hashes[i]))
+                });
+            }
+        }
+        let mut out: Vec<EngineMatch> = Vec::new();
+        for (i, e) in engines.iter().enumerate() {
+            let Some(e) = e else { continue };
+            if walk.matched[i] == 0 {
+                continue;
+            }
+            let bs = e.block_size().unwrap_or(0);
+            out.push(EngineMatch {
+                engine: EngineId(i as u32),
+                name: e.name.clone(),
+                matched_blocks: walk.matched[i],
+                matched_tokens: walk.matched[i] * bs,
+                tiers: walk.tiers[i],
+                score: walk.score[i],
+            });
+        }
+        out.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.name.cmp(&b.name)));
+        out
+    }
+
+    /// The key an engine's block hash maps to, if known.
+    pub fn resolve(&self, hash: EngineHash) -> Option<BlockKey> {
+        self.inner.aliases.load().get(alias_key(hash)).map(BlockKey)
+    }
+
+    /// The engines holding `key`, with the tiers each holds it on.
+    pub fn holders(&self, key: BlockKey) -> Vec<(EngineId, Vec<Tier>)> {
+        let blocks = self.inner.blocks.load();
+        let mut out = Vec::new();
+        blocks.for_each(key.0, |v| {
+            let g = v_group(v);
+            for lane in 0..LANES {
+                let nib = (v >> (lane * 4)) & 0xf;
+                if nib != 0 {
+                    let tiers = Tier::ALL.iter().copied().filter(|t| nib & (1 << *t as u32) != 0).collect();
+                    out.push((EngineId(g * LANES + lane), tiers));
+                }
+            }
+            true
+        });
+        out.sort();
+        out
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> IndexStats {
+        let w = self.inner.writer.lock();
+        let mut s = w.stats.clone();
+        s.blocks = w.distinct;
+        s.memberships = w.memberships;
+        s.block_slots = w.blocks_occ.live;
+        s.aliases = w.aliases_occ.live;
+        s.bytes = w.bytes();
+        s.bytes_per_block = if w.distinct == 0 { 0.0 } else { s.bytes as f64 / w.distinct as f64 };
+        s.queries = self.inner.queries.load(Ordering::Relaxed);
+        s
+    }
+
+    /// Per-engine counters.
+    pub fn engine_stats(&self) -> Vec<EngineStats> {
+        let w = self.inner.writer.lock();
+        self.engines()
+            .into_iter()
+            .map(|(id, e)| EngineStats {
+                id,
+                name: e.name.clone(),
+                spec: e.spec.clone(),
+                blocks: w.counts.get(id.0 as usize).copied().unwrap_or_default(),
+                block_size: e.block_size(),
+            })
+            .collect()
+    }
+
+    /// Every (key, engine, tier) membership, for tests and snapshots.
+    pub fn memberships(&self) -> Vec<(BlockKey, EngineId, Tier)> {
+        let _w = self.inner.writer.lock();
+        let blocks = self.inner.blocks.load();
+        let mut out = Vec::new();
+        blocks.scan(|_, k, v| {
+            let g = v_group(v);
+            for lane in 0..LANES {
+                for t in Tier::ALL {
+                    if v & tier_bit(lane, t) != 0 {
+                        out.push((BlockKey(k), EngineId(g * LANES + lane), t));
+                    }
+                }
+            }
+        });
+        out.sort();
+        out
+    }
+}
+
+/// The alias table's key for an engine hash (0 and 1 are reserved by the table).
+#[inline]
+fn alias_key(h: EngineHash) -> u64 {
+    if h.0 < 2 {
+        h.0 ^ 0xA5A5_5A5A_0F0F_F0F0
+    } else {
+        h.0
+    }
+}
+
+/// Walks a chain of `n` keys (produced lazily by `key_of`) over the block table, advancing every
+/// allowed engine that holds each block consecutively from block 0; stops when none advances.
+fn walk_chain(
+    blocks: &Table,
+    walk: &mut Walk,
+    weights: &[f64; TIERS],
+    stamp: u16,
+    n: usize,
+    mut key_of: impl FnMut(usize) -> Option<u64>,
+) {
+    for i in 0..n {
+        let Some(key) = key_of(i) else { return };
+        let depth = i as u32;
+        let mut advanced = 0u32;
+        blocks.for_each_indexed(key, |idx, v| {
+            let base = (v_group(v) * LANES) as usize;
+            let mut nibs = v as u32;
+            let mut hit = false;
+            while nibs != 0 {
+                let lane = nibs.trailing_zeros() / 4;
+                let nib = (nibs >> (lane * 4)) & 0xf;
+                nibs &= !(0xf << (lane * 4));
+                let e = base + lane as usize;
+                if e < walk.matched.len() && walk.allowed[e] && walk.matched[e] == depth {
+                    walk.matched[e] += 1;
+                    let mut best = 0.0f64;
+                    for t in 0..TIERS {
+                        if nib & (1 << t) != 0 {
+                            walk.tiers[e][t] += 1;
+                            best = best.max(weights[t]);
+                        }
+                    }
+                    walk.score[e] += best;
+                    advanced += 1;
+                    hit = true;
+                }
+            }
+            if hit && v_stamp(v) != stamp {
+                blocks.try_update(idx, key, v, with_stamp(v, stamp));
+            }
+            true
+        });
+        if advanced == 0 {
+            return;
+        }
+    }
+}
+
+/// What an event's per-block extra keys say, once the LoRA name is set aside.
+struct ParsedExtras {
+    salt: Option<String>,
+    extras: BlockExtras,
+}
+
+fn parse_extras(keys: Option<&Vec<ExtraKey>>, lora_name: Option<&str>) -> ParsedExtras {
+    let mut out = ParsedExtras { salt: None, extras: BlockExtras::default() };
+    let Some(keys) = keys else { return out };
+    let mut lora_skipped = lora_name.is_none();
+    for k in keys {
+        match k {
+            ExtraKey::Str(s) => {
+                if !lora_skipped && Some(s.as_str()) == lora_name {
+                    lora_skipped = true;
+                } else {
+                    out.salt = Some(s.clone());
+                }
+            }
+            ExtraKey::Mm { identifier, offset } => out.extras.mm.push((identifier.clone(), *offset)),
+            ExtraKey::Bytes(b) => out.extras.prompt_embeds = Some(b.clone()),
+            ExtraKey::Int(_) | ExtraKey::Other(_) => {}
+        }
+    }
+    out
+}
+
+impl Writer {
+    fn bytes(&self) -> usize {
+        self.blocks.bytes()
+            + self.aliases.bytes()
+            + self.dups.capacity() * (std::mem::size_of::<((u32, u64, u8), u32)>() + 1)
+    }
+
+    fn max_slots(&self, config: &IndexConfig) -> usize {
+        (config.byte_budget / 2 / SLOT_BYTES).max(64)
+    }
+
+    fn publish(&self, inner: &Inner) {
+        if !Arc::ptr_eq(&inner.blocks.load(), &self.blocks) {
+            inner.blocks.store(self.blocks.clone());
+        }
+        if !Arc::ptr_eq(&inner.aliases.load(), &self.aliases) {
+            inner.aliases.store(self.aliases.clone());
+        }
+    }
+
+    fn tick(&mut self, inner: &Inner, n: u64) {
+        let before = self.ops / CLOCK_TICK_OPS;
+        self.ops += n;
+        if self.ops / CLOCK_TICK_OPS != before {
+            inner.clock.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn resolve(&self, h: EngineHash) -> Option<u64> {
+        self.aliases.get(alias_key(h))
+    }
+
+    fn depth_of(&self, key: u64) -> u32 {
+        let mut d = 0;
+        self.blocks.for_each(key, |v| {
+            d = v_depth(v);
+            false
+        });
+        d
+    }
+
+    fn apply_stored(
+        &mut self,
+        inner: &Inner,
+        e: u32,
+        info: &EngineInfo,
+        ev: &BlockStored,
+        restore: bool,
+        report: &mut ApplyReport,
+    ) {
+        if ev.group_idx.unwrap_or(0) != 0 {
+            self.stats.other_group_events += 1;
+            return;
+        }
+        let tier = Tier::of(ev.medium.as_ref(), ev.locality.as_deref());
+        let stamp = inner.clock.load(Ordering::Relaxed) as u16;
+        if ev.token_ids.is_empty() || ev.block_size == 0 {
+            // A placeholder tier event: the blocks are named only by the engine's hashes.
+            for &h in &ev.block_hashes {
+                match self.resolve(h) {
+                    Some(k) => {
+                        let depth = self.depth_of(k);
+                        self.add(inner, k, e, tier, depth, stamp, restore);
+                        report.blocks_stored += 1;
+                    }
+                    None => {
+                        self.stats.unresolved_tier_events += 1;
+                        report.unresolved.push(h);
+                    }
+                }
+            }
+            self.stats.blocks_stored += report.blocks_stored as u64;
+            return;
+        }
+        let bs = ev.block_size as usize;
+        let n = ev.block_hashes.len();
+        if ev.token_ids.len() != n * bs {
+            self.stats.malformed_events += 1;
+            return;
+        }
+        if info.block_size.load(Ordering::Relaxed) == 0 {
+            info.block_size.store(ev.block_size, Ordering::Relaxed);
+        }
+        let extras_of = |i: usize| ev.extra_keys.as_ref().and_then(|x| x.get(i)).and_then(|x| x.as_ref());
+        let (mut prev, mut depth) = match ev.parent_block_hash {
+            None => {
+                let first = parse_extras(extras_of(0), ev.lora_name.as_deref());
+                (root_seed(&info.spec.model, ev.lora_name.as_deref(), first.salt.as_deref()), 0)
+            }
+            Some(p) => match self.resolve(p) {
+                Some(k) => (k, self.depth_of(k) + 1),
+                None => {
+                    self.stats.orphans += 1;
+                    report.orphans.push(ev.clone());
+                    return;
+                }
+            },
+        };
+        for (i, (&h, toks)) in ev.block_hashes.iter().zip(ev.token_ids.chunks_exact(bs)).enumerate() {
+            let parsed = parse_extras(extras_of(i), ev.lora_name.as_deref());
+            let key = if parsed.extras.is_empty() {
+                self.hasher.next(prev, toks)
+            } else {
+                self.hasher.next_with(prev, toks, &parsed.extras)
+            };
+            self.add_alias(inner, h, key.0);
+            self.add(inner, key.0, e, tier, depth, stamp, restore);
+            prev = key.0;
+            depth += 1;
+        }
+        report.blocks_stored += n;
+        self.stats.blocks_stored += n as u64;
+        self.tick(inner, n as u64);
+    }
+
+    fn apply_removed(&mut self, e: u32, ev: &BlockRemoved, report: &mut ApplyReport) {
+        if ev.group_idx.unwrap_or(0) != 0 {
+            self.stats.other_group_events += 1;
+            return;
+        }
+        let tier = Tier::of(ev.medium.as_ref(), ev.locality.as_deref());
+        for &h in &ev.block_hashes {
+            let removed = match self.resolve(h) {
+                Some(k) => self.remove(k, e, tier),
+                None => false,
+            };
+            if removed {
+                report.blocks_removed += 1;
+                self.stats.blocks_removed += 1;
+            } else {
+                self.stats.unknown_removals += 1;
+            }
+        }
+    }
+
+    fn add_alias(&mut self, inner: &Inner, h: EngineHash, key: u64) {
+        let ak = alias_key(h);
+        if let Some(idx) = self.aliases.find(ak, |_| true) {
+            let old = self.aliases.val(idx);
+            if old != key {
+                // Either a 64-bit collision between engines with different hash functions, or a
+                // dead alias (its block was dropped) being reused: keep the alias in use.
+                if self.blocks.get(old).is_some() {
+                    self.stats.alias_conflicts += 1;
+                } else {
+                    self.aliases.set_val(idx, key);
+                }
+            }
+            return;
+        }
+        self.alias_room(inner);
+        self.aliases.insert(ak, key, &mut self.aliases_occ);
+    }
+
+    /// Marks (key, engine, tier) held. `restore` re-marks without counting a new announcement.
+    #[allow(clippy::too_many_arguments)]
+    fn add(&mut self, inner: &Inner, key: u64, e: u32, tier: Tier, depth: u32, stamp: u16, restore: bool) {
+        let (g, lane) = (e / LANES, e % LANES);
+        let bit = tier_bit(lane, tier);
+        let mut key_seen = false;
+        let found = self.blocks.find(key, |v| {
+            key_seen = true;
+            v_group(v) == g
+        });
+        if let Some(idx) = found {
+            let v = self.blocks.val(idx);
+            if v & bit != 0 {
+                if !restore {
+                    *self.dups.entry((e, key, tier as u8)).or_insert(0) += 1;
+                }
+                if v_stamp(v) != stamp {
+                    self.blocks.set_val(idx, with_stamp(v, stamp));
+                }
+                return;
+            }
+            self.blocks.set_val(idx, with_stamp(v | bit, stamp));
+        } else {
+            if self.block_room(inner) {
+                // The table was rebuilt or evicted: whether the key still exists must be re-read.
+                key_seen = self.blocks.get(key).is_some();
+            }
+            let v = bit
+                | (u64::from(g) << GROUP_SHIFT)
+                | (u64::from(depth.min(255)) << DEPTH_SHIFT)
+                | (u64::from(stamp) << STAMP_SHIFT);
+            self.blocks.insert(key, v, &mut self.blocks_occ);
+            if !key_seen {
+                self.distinct += 1;
+            }
+        }
+        self.memberships += 1;
+        self.counts[e as usize][tier as usize] += 1;
+    }
+
+    /// Drops one announcement of (key, engine, tier). Returns false if it was not held.
+    fn remove(&mut self, key: u64, e: u32, tier: Tier) -> bool {
+        if !self.dups.is_empty() {
+            if let Some(c) = self.dups.get_mut(&(e, key, tier as u8)) {
+                *c -= 1;
+                if *c == 0 {
+                    self.dups.remove(&(e, key, tier as u8));
+                }
+                return true;
+            }
+        }
+        let (g, lane) = (e / LANES, e % LANES);
+        let bit = tier_bit(lane, tier);
+        let Some(idx) = self.blocks.find(key, |v| v_group(v) == g) else { return false };
+        let v = self.blocks.val(idx);
+        if v & bit == 0 {
+            return false;
+        }
+        let nv = v & !bit;
+        if nv as u32 == 0 {
+            self.blocks.remove(idx, &mut self.blocks_occ);
+            if self.blocks.get(key).is_none() {
+                self.distinct -= 1;
+            }
+        } else {
+            self.blocks.set_val(idx, nv);
+        }
+        self.memberships -= 1;
+        self.counts[e as usize][tier as usize] -= 1;
+        true
+    }
+
+    /// Removes every membership of engine `e`.
+    fn purge(&mut self, e: u32) {
+        let (g, lane) = (e / LANES, e % LANES);
+        let mask = 0xfu64 << (lane * 4);
+        let mut hits = Vec::new();
+        self.blocks.scan(|idx, k, v| {
+            if v_group(v) == g && v & mask != 0 {
+                hits.push((idx, k, v));
+            }
+        });
+        for (idx, k, v) in hits {
+            let held = ((v & mask) >> (lane * 4)).count_ones() as usize;
+            self.memberships -= held;
+            let nv = v & !mask;
+            if nv as u32 == 0 {
+                self.blocks.remove(idx, &mut self.blocks_occ);
+                if self.blocks.get(k).is_none() {
+                    self.distinct -= 1;
+                }
+            } else {
+                self.blocks.set_val(idx, nv);
+            }
+        }
+        self.dups.retain(|&(de, _, _), _| de != e);
+        if let Some(c) = self.counts.get_mut(e as usize) {
+            *c = [0; TIERS];
+        }
+    }
+
+    /// Makes room for one more block slot. Returns true if the table changed.
+    fn block_room(&mut self, inner: &Inner) -> bool {
+        let cap = self.blocks.capacity();
+        let used = self.blocks_occ.live + self.blocks_occ.tombs + 1;
+        if (used as f64) <= MAX_LOAD * cap as f64 {
+            return false;
+        }
+        let max = self.max_slots(&inner.config);
+        if self.blocks_occ.tombs * 4 > cap {
+            // Mostly tombstones: rebuilding at the same size is enough.
+            self.rebuild_blocks(cap);
+        } else if cap < max {
+            self.rebuild_blocks(((cap as f64 * GROWTH) as usize).min(max));
+        } else {
+            self.evict(inner, (EVICT_TO * cap as f64) as usize);
+            if self.blocks_occ.tombs * 8 > cap {
+                self.rebuild_blocks(cap);
+            }
+        }
+        true
+    }
+
+    fn rebuild_blocks(&mut self, cap: usize) {
+        let (t, occ) = self.blocks.rebuild(cap, |_, _| true);
+        self.blocks = Arc::new(t);
+        self.blocks_occ = occ;
+    }
+
+    /// Makes room for one more alias: drops aliases of blocks no engine holds, grows, or evicts.
+    fn alias_room(&mut self, inner: &Inner) {
+        let cap = self.aliases.capacity();
+        let used = self.aliases_occ.live + self.aliases_occ.tombs + 1;
+        if (used as f64) <= MAX_LOAD * cap as f64 {
+            return;
+        }
+        let max = self.max_slots(&inner.config);
+        let blocks = self.blocks.clone();
+        let mut alive = 0usize;
+        self.aliases.scan(|_, _, v| {
+            if blocks.get(v).is_some() {
+                alive += 1;
+            }
+        });
+        let mut target = cap;
+        if alive as f64 > EVICT_TO * cap as f64 {
+            if cap < max {
+                target = ((cap as f64 * GROWTH) as usize).min(max);
+            } else {
+                // At the budget with live aliases: evict blocks so their aliases can go.
+                let want = (self.blocks_occ.live as f64 * 0.8) as usize;
+                self.evict(inner, want);
+            }
+        }
+        let blocks = self.blocks.clone();
+        let (t, occ) = self.aliases.rebuild(target, |_, v| blocks.get(v).is_some());
+        self.aliases = Arc::new(t);
+        self.aliases_occ = occ;
+    }
+
+    /// Evicts blocks until at most `target` block slots are live: in windows of the table, the
+    /// oldest stamps first and, among equally old, the deepest blocks first.
+    fn evict(&mut self, inner: &Inner, target: usize) {
+        const WINDOW: usize = 512;
+        let now = inner.clock.load(Ordering::Relaxed) as u16;
+        let cap = self.blocks.capacity();
+        let mut cands: Vec<(u16, u32, usize, u64, u64)> = Vec::with_capacity(WINDOW);
+        let mut guard = 0;
+        while self.blocks_occ.live > target && guard < 4 * (cap / WINDOW + 1) {
+            guard += 1;
+            cands.clear();
+            for off in 0..WINDOW {
+                let idx = (self.evict_hand + off) % cap;
+                let k = self.blocks.key(idx);
+                if k > crate::table::TOMB {
+                    let v = self.blocks.val(idx);
+                    cands.push((now.wrapping_sub(v_stamp(v)), v_depth(v), idx, k, v));
+                }
+            }
+            self.evict_hand = (self.evict_hand + WINDOW) % cap;
+            // Oldest first, then deepest.
+            cands.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+            let excess = self.blocks_occ.live - target;
+            let take = excess.min(cands.len().div_ceil(4)).max(1).min(cands.len());
+            for &(_, _, idx, k, v) in &cands[..take] {
+                if self.blocks.key(idx) != k {
+                    continue;
+                }
+                let g = v_group(v);
+                for lane in 0..LANES {
+                    let nib = (v >> (lane * 4)) & 0xf;
+                    if nib == 0 {
+                        continue;
+                    }
+                    let e = g * LANES + lane;
+                    for t in Tier::ALL {
+                        if nib & (1 << t as u32) != 0 {
+                            self.memberships -= 1;
+                            if let Some(c) = self.counts.get_mut(e as usize) {
+                                c[t as usize] = c[t as usize].saturating_sub(1);
+                            }
+                            if !self.dups.is_empty() {
+                                self.dups.remove(&(e, k, t as u8));
+                            }
+                        }
+                    }
+                }
+                self.blocks.remove(idx, &mut self.blocks_occ);
+                if self.blocks.get(k).is_none() {
+                    self.distinct -= 1;
+                }
+                self.stats.evicted_blocks += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(pod: &str) -> EngineSpec {
+        EngineSpec { pod: pod.into(), dp_rank: 0, model: "m".into() }
+    }
+
+    fn stored(hashes: &[u64], parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> KvEvent {
+        KvEvent::BlockStored(BlockStored {
+            block_hashes: hashes.iter().map(|&h| EngineHash(h)).collect(),
+            parent_block_hash: parent.map(EngineHash),
+            token_ids: tokens,
+            block_size: bs,
+            medium: Some(Medium::Gpu),
+            ..Default::default()
+        })
+    }
+
+    fn removed(h: u64, medium: Medium) -> KvEvent {
+        KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes: vec![EngineHash(h)],
+            medium: Some(medium),
+            ..Default::default()
+        })
+    }
+
+    fn batch(events: Vec<KvEvent>) -> EventBatch {
+        EventBatch { ts: 0.0, events, data_parallel_rank: Some(0) }
+    }
+
+    fn q_tokens<'a>(ns: &'a Namespace, tokens: &'a [u32]) -> Query<'a> {
+        Query { namespace: ns, blocks: QueryBlocks::Tokens { tokens, mm: &[] }, engines: None }
+    }
+
+    #[test]
+    fn stores_queries_and_removes() {
+        let idx = Index::default();
+        let a = idx.add_engine(spec("a")).unwrap();
+        let b = idx.add_engine(spec("b")).unwrap();
+        let toks: Vec<u32> = (0..64).collect();
+        idx.apply(a, &batch(vec![stored(&[10, 11], None, toks[..32].to_vec(), 16)])).unwrap();
+        idx.apply(a, &batch(vec![stored(&[12, 13], Some(11), toks[32..].to_vec(), 16)])).unwrap();
+        idx.apply(b, &batch(vec![stored(&[10], None, toks[..16].to_vec(), 16)])).unwrap();
+        let ns = Namespace::model("m");
+        let r = idx.query(&q_tokens(&ns, &toks));
+        assert_eq!(r.len(), 2);
+        assert_eq!((&*r[0].name, r[0].matched_blocks, r[0].matched_tokens), ("a", 4, 64));
+        assert_eq!((&*r[1].name, r[1].matched_blocks), ("b", 1));
+        // Removing block 1 of a cuts its consecutive prefix to 1.
+        idx.apply(a, &batch(vec![removed(11, Medium::Gpu)])).unwrap();
+        let r = idx.query(&q_tokens(&ns, &toks));
+        assert!(r.iter().all(|m| m.matched_blocks == 1));
+        // Another model's namespace sees nothing.
+        assert!(idx.query(&q_tokens(&Namespace::model("other"), &toks)).is_empty());
+        // By vLLM hash and by key.
+        let keys = KeyHasher::new().chain(&ns, &toks, 16);
+        let by_key = idx.query(&Query { namespace: &ns, blocks: QueryBlocks::Keys(&keys), engines: None });
+        assert_eq!(by_key.len(), 2);
+        let hashes = [EngineHash(10), EngineHash(11)];
+        let by_hash = idx.query(&Query { namespace: &ns, blocks: QueryBlocks::VllmHashes(&hashes), engines: Some(&[a]) });
+        assert_eq!(by_hash.len(), 1);
+        assert_eq!(by_hash[0].matched_blocks, 1);
+        let s = idx.stats();
+        assert_eq!(s.blocks, 3);
+        assert_eq!(s.memberships, 4);
+    }
+
+    #[test]
+    fn reference_counts_tiers_and_clear() {
+        let idx = Index::default();
+        let a = idx.add_engine(spec("a")).unwrap();
+        let toks: Vec<u32> = (100..116).collect();
+        idx.apply(a, &batch(vec![stored(&[7], None, toks.clone(), 16)])).unwrap();
+        idx.apply(a, &batch(vec![stored(&[7], None, toks.clone(), 16)])).unwrap();
+        // A tokenless CPU placeholder resolves through the engine hash.
+        let placeholder = KvEvent::BlockStored(BlockStored {
+            block_hashes: vec![EngineHash(7)],
+            medium: Some(Medium::Cpu),
+            ..Default::default()
+        });
+        let rep = idx.apply(a, &batch(vec![placeholder])).unwrap();
+        assert_eq!(rep.blocks_stored, 1);
+        let ns = Namespace::model("m");
+        let r = idx.query(&q_tokens(&ns, &toks));
+        assert_eq!(r[0].tiers, [1, 1, 0, 0]);
+        assert_eq!(r[0].score, 1.0);
+        idx.apply(a, &batch(vec![removed(7, Medium::Gpu)])).unwrap();
+        assert_eq!(idx.query(&q_tokens(&ns, &toks))[0].tiers, [1, 1, 0, 0]);
+        idx.apply(a, &batch(vec![removed(7, Medium::Gpu)])).unwrap();
+        let r = idx.query(&q_tokens(&ns, &toks));
+        assert_eq!(r[0].tiers, [0, 1, 0, 0]);
+        assert!((r[0].score - 0.8).abs() < 1e-9);
+        idx.apply(a, &batch(vec![KvEvent::AllBlocksCleared])).unwrap();
+        assert!(idx.query(&q_tokens(&ns, &toks)).is_empty());
+        assert_eq!(idx.stats().memberships, 0);
+    }
+
+    #[test]
+    fn orphans_are_reported_not_dropped() {
+        let idx = Index::default();
+        let a = idx.add_engine(spec("a")).unwrap();
+        let rep = idx.apply(a, &batch(vec![stored(&[2], Some(99), (0..16).collect(), 16)])).unwrap();
+        assert_eq!(rep.orphans.len(), 1);
+        assert_eq!(idx.stats().orphans, 1);
+        // With the ancestry recovered, the orphan applies.
+        let anc = match stored(&[99], None, (50..66).collect(), 16) {
+            KvEvent::BlockStored(s) => s,
+            _ => unreachable!(),
+        };
+        assert!(idx.apply_stored_with_ancestry(a, &[anc], &rep.orphans[0]).unwrap());
+        let toks: Vec<u32> = (50..66).chain(0..16).collect();
+        let ns = Namespace::model("m");
+        assert_eq!(idx.query(&q_tokens(&ns, &toks))[0].matched_blocks, 2);
+        assert_eq!((idx.stats().orphans, idx.stats().orphans_recovered), (1, 1));
+    }
+
+    #[test]
+    fn lora_and_salt_from_events_match_queries() {
+        let idx = Index::default();
+        let a = idx.add_engine(spec("a")).unwrap();
+        let toks: Vec<u32> = (0..32).collect();
+        let ev = KvEvent::BlockStored(BlockStored {
+            block_hashes: vec![EngineHash(1), EngineHash(2)],
+            token_ids: toks.clone(),
+            block_size: 16,
+            lora_name: Some("ad".into()),
+            extra_keys: Some(vec![
+                Some(vec![ExtraKey::Str("ad".into()), ExtraKey::Str("tenant".into())]),
+                Some(vec![ExtraKey::Str("ad".into())]),
+            ]),
+            ..Default::default()
+        });
+        idx.apply(a, &batch(vec![ev])).unwrap();
+        let plain = Namespace::model("m");
+        assert!(idx.query(&q_tokens(&plain, &toks)).is_empty());
+        let lora_only = Namespace { lora_name: Some("ad".into()), ..Namespace::model("m") };
+        assert!(idx.query(&q_tokens(&lora_only, &toks)).is_empty());
+        let full = Namespace { lora_name: Some("ad".into()), cache_salt: Some("tenant".into()), ..Namespace::model("m") };
+        assert_eq!(idx.query(&q_tokens(&full, &toks))[0].matched_blocks, 2);
+    }
+
+    #[test]
+    fn many_engines_and_engine_removal() {
+        let idx = Index::default();
+        let toks: Vec<u32> = (0..32).collect();
+        let ids: Vec<EngineId> = (0..40).map(|i| idx.add_engine(spec(&format!("e{i}"))).unwrap()).collect();
+        for (i, &id) in ids.iter().enumerate() {
+            let n = 1 + i % 2;
+            idx.apply(id, &batch(vec![stored(&[1, 2][..n], None, toks[..16 * n].to_vec(), 16)])).unwrap();
+        }
+        let ns = Namespace::model("m");
+        let r = idx.query(&q_tokens(&ns, &toks));
+        assert_eq!(r.len(), 40);
+        assert_eq!(r.iter().filter(|m| m.matched_blocks == 2).count(), 20);
+        idx.remove_engine(ids[1]).unwrap();
+        assert_eq!(idx.query(&q_tokens(&ns, &toks)).len(), 39);
+        // 20 engines hold 2 blocks, 20 hold 1; the removed one held 2.
+        assert_eq!(idx.stats().memberships, 20 * 2 + 20 - 2);
+    }
+
+    #[test]
+    fn byte_budget_is_respected_by_evicting() {
+        let cfg = IndexConfig { byte_budget: 64 * 1024, initial_slots: 64, ..Default::default() };
+        let idx = Index::new(cfg);
+        let a = idx.add_engine(spec("a")).unwrap();
+        let mut parent = None;
+        for i in 0..20_000u64 {
+            let toks: Vec<u32> = (0..16).map(|t| (i * 16 + t) as u32).collect();
+            idx.apply(a, &batch(vec![stored(&[i + 100], parent, toks, 16)])).unwrap();
+            parent = Some(i + 100);
+        }
+        let s = idx.stats();
+        assert!(s.bytes <= 64 * 1024 + 1024, "bytes {}", s.bytes);
+        assert!(s.evicted_blocks > 0);
+        assert!(s.blocks > 1000);
+    }
+}

@@ -1,0 +1,371 @@
+//! A fixed-capacity open-addressing table of `u64 → u64` that readers use without locks.
+//!
+//! One writer (serialised by the caller) and any number of concurrent readers. Every slot is a
+//! pair of atomics; readers load the key, the value, then the key again, and accept the value only
+//! if the key did not change in between, so they never see a value paired with the wrong key and
+//! never block. Linear probing; deletion writes a tombstone, except where the next slot is empty,
+//! where a run of trailing tombstones is turned back into empty slots (no key can sit behind it).
+//! Keys may repeat (a multimap): the block table keeps one slot per (key, engine group).
+//!
+//! The table never resizes itself: the owner builds a larger (or cleaner) table with
+//! [`Table::rebuild`] and swaps it in; readers still holding the old one finish on it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Key of an empty slot.
+pub const EMPTY: u64 = 0;
+/// Key of a deleted slot.
+pub const TOMB: u64 = 1;
+
+struct Slot {
+    key: AtomicU64,
+    val: AtomicU64,
+}
+
+/// Bytes one slot occupies.
+pub const SLOT_BYTES: usize = std::mem::size_of::<u64>() * 2;
+
+/// The table. See the module docs for the concurrency contract.
+pub struct Table {
+    slots: Box<[Slot]>,
+}
+
+/// The writer's bookkeeping for a table (kept outside it, under the writer's lock).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Occupancy {
+    /// Slots holding a key.
+    pub live: usize,
+    /// Slots holding a tombstone.
+    pub tombs: usize,
+}
+
+#[inline]
+fn spread(key: u64) -> u64 {
+    key.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+impl Table {
+    /// A table of `capacity` empty slots (at least 8).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(8);
+        let slots = (0..capacity)
+            .map(|_| Slot { key: AtomicU64::new(EMPTY), val: AtomicU64::new(0) })
+            .collect();
+        Table { slots }
+    }
+
+    /// Number of slots.
+    #[inline]
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes the slots occupy.
+    pub fn bytes(&self) -> usize {
+        self.capacity() * SLOT_BYTES
+    }
+
+    #[inline]
+    fn home(&self, key: u64) -> usize {
+        // Multiply-shift range reduction: works for any capacity, not only powers of two.
+        ((u128::from(spread(key)) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    /// Hints the CPU to fetch the home slot of `key` (used to overlap lookups of a chain).
+    #[inline]
+    pub fn prefetch(&self, key: u64) {
+        let i = self.home(key);
+        // A plain relaxed load of the home slot pulls its cache line in; the value is ignored.
+        let _ = self.slots[i].key.load(Ordering::Relaxed);
+    }
+
+    /// Reader: calls `f` with the value of every slot holding `key`, until `f` returns false.
+    #[inline]
+    pub fn for_each(&self, key: u64, mut f: impl FnMut(u64) -> bool) {
+        let mut i = self.home(key);
+        for _ in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let k = s.key.load(Ordering::Acquire);
+            if k == EMPTY {
+                return;
+            }
+            if k == key {
+                let v = s.val.load(Ordering::Acquire);
+                if s.key.load(Ordering::Acquire) == key && !f(v) {
+                    return;
+                }
+            }
+            i = self.next(i);
+        }
+    }
+
+    /// Reader: the value of the first slot holding `key`.
+    #[inline]
+    pub fn get(&self, key: u64) -> Option<u64> {
+        let mut out = None;
+        self.for_each(key, |v| {
+            out = Some(v);
+            false
+        });
+        out
+    }
+
+    /// Reader: tries once to replace `old` with `new` in slot `idx` if it still holds `key`.
+    #[inline]
+    pub fn try_update(&self, idx: usize, key: u64, old: u64, new: u64) {
+        let s = &self.slots[idx];
+        if s.key.load(Ordering::Acquire) == key {
+            let _ = s.val.compare_exchange(old, new, Ordering::AcqRel, Ordering::Relaxed);
+        }
+    }
+
+    /// Reader: like [`Table::for_each`] but also passes the slot index.
+    #[inline]
+    pub fn for_each_indexed(&self, key: u64, mut f: impl FnMut(usize, u64) -> bool) {
+        let mut i = self.home(key);
+        for _ in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let k = s.key.load(Ordering::Acquire);
+            if k == EMPTY {
+                return;
+            }
+            if k == key {
+                let v = s.val.load(Ordering::Acquire);
+                if s.key.load(Ordering::Acquire) == key && !f(i, v) {
+                    return;
+                }
+            }
+            i = self.next(i);
+        }
+    }
+
+    /// Writer: index of the first slot holding `key` whose value satisfies `pred`.
+    #[inline]
+    pub fn find(&self, key: u64, mut pred: impl FnMut(u64) -> bool) -> Option<usize> {
+        let mut i = self.home(key);
+        for _ in 0..self.slots.len() {
+            let k = self.slots[i].key.load(Ordering::Relaxed);
+            if k == EMPTY {
+                return None;
+            }
+            if k == key && pred(self.slots[i].val.load(Ordering::Relaxed)) {
+                return Some(i);
+            }
+            i = self.next(i);
+        }
+        None
+    }
+
+    /// Writer: the value in slot `idx`.
+    #[inline]
+    pub fn val(&self, idx: usize) -> u64 {
+        self.slots[idx].val.load(Ordering::Relaxed)
+    }
+
+    /// Writer: the key in slot `idx` (may be [`EMPTY`] or [`TOMB`]).
+    #[inline]
+    pub fn key(&self, idx: usize) -> u64 {
+        self.slots[idx].key.load(Ordering::Relaxed)
+    }
+
+    /// Writer: replaces the value in slot `idx`.
+    #[inline]
+    pub fn set_val(&self, idx: usize, val: u64) {
+        self.slots[idx].val.store(val, Ordering::Release);
+    }
+
+    /// Writer: inserts a new slot (duplicates allowed). The caller keeps the load below 1.
+    /// Returns the slot index.
+    pub fn insert(&self, key: u64, val: u64, occ: &mut Occupancy) -> usize {
+        debug_assert!(key > TOMB);
+        let mut i = self.home(key);
+        let mut tomb = None;
+        for _ in 0..self.slots.len() {
+            let k = self.slots[i].key.load(Ordering::Relaxed);
+            if k == EMPTY {
+                break;
+            }
+            if k == TOMB && tomb.is_none() {
+                tomb = Some(i);
+            }
+            i = self.next(i);
+        }
+        let idx = match tomb {
+            Some(t) => {
+                occ.tombs -= 1;
+                t
+            }
+            None => i,
+        };
+        let s = &self.slots[idx];
+        // Value before key: a reader that sees the key also sees this value (Release/Acquire).
+        s.val.store(val, Ordering::Release);
+        s.key.store(key, Ordering::Release);
+        occ.live += 1;
+        idx
+    }
+
+    /// Writer: deletes slot `idx`.
+    pub fn remove(&self, idx: usize, occ: &mut Occupancy) {
+        occ.live -= 1;
+        if self.slots[self.next(idx)].key.load(Ordering::Relaxed) != EMPTY {
+            self.slots[idx].key.store(TOMB, Ordering::Release);
+            occ.tombs += 1;
+            return;
+        }
+        // Nothing probes past an empty slot, so this slot and the tombstones right before it
+        // can become empty again.
+        self.slots[idx].key.store(EMPTY, Ordering::Release);
+        let mut i = idx;
+        loop {
+            i = if i == 0 { self.slots.len() - 1 } else { i - 1 };
+            if i == idx || self.slots[i].key.load(Ordering::Relaxed) != TOMB {
+                break;
+            }
+            self.slots[i].key.store(EMPTY, Ordering::Release);
+            occ.tombs -= 1;
+        }
+    }
+
+    /// Writer: visits every live slot as `(index, key, value)`.
+    pub fn scan(&self, mut f: impl FnMut(usize, u64, u64)) {
+        for (i, s) in self.slots.iter().enumerate() {
+            let k = s.key.load(Ordering::Relaxed);
+            if k > TOMB {
+                f(i, k, s.val.load(Ordering::Relaxed));
+            }
+        }
+    }
+
+    /// Writer: a new table of `capacity` slots holding the live slots for which `keep` is true.
+    pub fn rebuild(
+        &self,
+        capacity: usize,
+        mut keep: impl FnMut(u64, u64) -> bool,
+    ) -> (Table, Occupancy) {
+        let t = Table::new(capacity);
+        let mut occ = Occupancy::default();
+        self.scan(|_, k, v| {
+            if keep(k, v) {
+                t.insert(k, v, &mut occ);
+            }
+        });
+        (t, occ)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn insert_find_remove_against_a_map() {
+        let t = Table::new(64);
+        let mut occ = Occupancy::default();
+        let mut model: HashMap<u64, u64> = HashMap::new();
+        let mut rng = 12345u64;
+        for step in 0..20_000u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let key = 2 + rng % 40;
+            if let Some(idx) = t.find(key, |_| true) {
+                assert_eq!(model.get(&key), Some(&t.val(idx)));
+                if step % 3 == 0 {
+                    t.remove(idx, &mut occ);
+                    model.remove(&key);
+                } else {
+                    t.set_val(idx, step);
+                    model.insert(key, step);
+                }
+            } else {
+                assert!(!model.contains_key(&key));
+                t.insert(key, step, &mut occ);
+                model.insert(key, step);
+            }
+            assert_eq!(occ.live, model.len());
+        }
+        for (k, v) in &model {
+            assert_eq!(t.get(*k), Some(*v));
+        }
+        let (t2, occ2) = t.rebuild(128, |_, _| true);
+        assert_eq!(occ2.live, model.len());
+        assert_eq!(occ2.tombs, 0);
+        for (k, v) in &model {
+            assert_eq!(t2.get(*k), Some(*v));
+        }
+    }
+
+    #[test]
+    fn multimap_visits_every_duplicate() {
+        let t = Table::new(16);
+        let mut occ = Occupancy::default();
+        for v in 0..5 {
+            t.insert(9, v, &mut occ);
+        }
+        t.insert(10, 100, &mut occ);
+        let mut seen = vec![];
+        t.for_each(9, |v| {
+            seen.push(v);
+            true
+        });
+        seen.sort();
+        assert_eq!(seen, vec![0, 1, 2, 3, 4]);
+        let idx = t.find(9, |v| v == 2).unwrap();
+        t.remove(idx, &mut occ);
+        let mut n = 0;
+        t.for_each(9, |_| {
+            n += 1;
+            true
+        });
+        assert_eq!(n, 4);
+        assert_eq!(t.get(10), Some(100));
+    }
+
+    #[test]
+    fn readers_never_see_a_foreign_value() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        // Values encode their key; a reader must never get a value belonging to another key.
+        let t = Arc::new(Table::new(256));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (t, stop) = (t.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut checks = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for key in 2..200u64 {
+                        t.for_each(key, |v| {
+                            assert_eq!(v >> 32, key);
+                            checks += 1;
+                            true
+                        });
+                    }
+                }
+                checks
+            })
+        };
+        let mut occ = Occupancy::default();
+        for round in 0..2000u64 {
+            for key in 2..150u64 {
+                if let Some(i) = t.find(key, |_| true) {
+                    t.remove(i, &mut occ);
+                } else {
+                    t.insert(key, (key << 32) | round, &mut occ);
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    }
+}
