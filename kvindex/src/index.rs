@@ -188,7 +188,7 @@ const MAX_LOAD: f64 = 0.85;
 const GROWTH: f64 = 1.5;
 /// Eviction brings the block table down to this load.
 const EVICT_TO: f64 = 0.75;
-/// Stored blocks per tick of the recency clock.
+/// At most this many stored blocks per tick of the recency clock.
 const CLOCK_TICK_OPS: u64 = 4096;
 
 /// Counters of an index. A snapshot; see [`Index::stats`].
@@ -341,6 +341,7 @@ struct Writer {
     counts: Vec<[u64; TIERS]>,
     by_spec: HashMap<EngineSpec, u32>,
     hasher: KeyHasher,
+    scratch: Vec<BlockKey>,
     evict_hand: usize,
     ops: u64,
     stats: IndexStats,
@@ -375,6 +376,7 @@ impl Index {
             counts: Vec::new(),
             by_spec: HashMap::new(),
             hasher: KeyHasher::new(),
+            scratch: Vec::new(),
             evict_hand: 0,
             ops: 0,
             stats: IndexStats { byte_budget: config.byte_budget, ..IndexStats::default() },
@@ -780,6 +782,42 @@ fn parse_extras(keys: Option<&Vec<ExtraKey>>, lora_name: Option<&str>) -> Parsed
     out
 }
 
+/// The keys of a `BlockStored` event's blocks (with tokens), given its parent's key (`None` when
+/// the event starts a chain). The caller has checked `token_ids.len() == n * block_size`.
+pub(crate) fn event_keys(
+    hasher: &mut KeyHasher,
+    model: &str,
+    ev: &BlockStored,
+    parent: Option<u64>,
+    out: &mut Vec<BlockKey>,
+) {
+    out.clear();
+    let bs = ev.block_size as usize;
+    if bs == 0 {
+        return;
+    }
+    let extras_of =
+        |i: usize| ev.extra_keys.as_ref().and_then(|x| x.get(i)).and_then(|x| x.as_ref());
+    let mut prev = match parent {
+        Some(k) => k,
+        None => {
+            let first = parse_extras(extras_of(0), ev.lora_name.as_deref());
+            root_seed(model, ev.lora_name.as_deref(), first.salt.as_deref())
+        }
+    };
+    for (i, toks) in ev.token_ids.chunks_exact(bs).enumerate().take(ev.block_hashes.len()) {
+        let key = match extras_of(i) {
+            None => hasher.next(prev, toks),
+            Some(x) => {
+                let parsed = parse_extras(Some(x), ev.lora_name.as_deref());
+                hasher.next_with(prev, toks, &parsed.extras)
+            }
+        };
+        out.push(key);
+        prev = key.0;
+    }
+}
+
 impl Writer {
     fn bytes(&self) -> usize {
         self.blocks.bytes()
@@ -801,9 +839,12 @@ impl Writer {
     }
 
     fn tick(&mut self, inner: &Inner, n: u64) {
-        let before = self.ops / CLOCK_TICK_OPS;
+        // The clock ticks about 256 times per table's worth of stores, so recency stays
+        // meaningful for small and large tables alike.
+        let every = (self.blocks.capacity() as u64 / 256).clamp(16, CLOCK_TICK_OPS);
         self.ops += n;
-        if self.ops / CLOCK_TICK_OPS != before {
+        if self.ops >= every {
+            self.ops = 0;
             inner.clock.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -863,14 +904,10 @@ impl Writer {
         if info.block_size.load(Ordering::Relaxed) == 0 {
             info.block_size.store(ev.block_size, Ordering::Relaxed);
         }
-        let extras_of = |i: usize| ev.extra_keys.as_ref().and_then(|x| x.get(i)).and_then(|x| x.as_ref());
-        let (mut prev, mut depth) = match ev.parent_block_hash {
-            None => {
-                let first = parse_extras(extras_of(0), ev.lora_name.as_deref());
-                (root_seed(&info.spec.model, ev.lora_name.as_deref(), first.salt.as_deref()), 0)
-            }
+        let (parent, mut depth) = match ev.parent_block_hash {
+            None => (None, 0),
             Some(p) => match self.resolve(p) {
-                Some(k) => (k, self.depth_of(k) + 1),
+                Some(k) => (Some(k), self.depth_of(k) + 1),
                 None => {
                     self.stats.orphans += 1;
                     report.orphans.push(ev.clone());
@@ -878,18 +915,14 @@ impl Writer {
                 }
             },
         };
-        for (i, (&h, toks)) in ev.block_hashes.iter().zip(ev.token_ids.chunks_exact(bs)).enumerate() {
-            let parsed = parse_extras(extras_of(i), ev.lora_name.as_deref());
-            let key = if parsed.extras.is_empty() {
-                self.hasher.next(prev, toks)
-            } else {
-                self.hasher.next_with(prev, toks, &parsed.extras)
-            };
+        let mut keys = std::mem::take(&mut self.scratch);
+        event_keys(&mut self.hasher, &info.spec.model, ev, parent, &mut keys);
+        for (&h, &key) in ev.block_hashes.iter().zip(&keys) {
             self.add_alias(inner, h, key.0);
             self.add(inner, key.0, e, tier, depth, stamp, restore);
-            prev = key.0;
             depth += 1;
         }
+        self.scratch = keys;
         report.blocks_stored += n;
         self.stats.blocks_stored += n as u64;
         self.tick(inner, n as u64);

@@ -3,14 +3,20 @@
 //! (Model documentation is completed in `index.rs`; this header is expanded once all modules land.)
 #![deny(unsafe_code)]
 
+pub mod backend;
 pub mod codec;
 pub mod error;
 pub mod event;
 pub mod index;
+#[cfg(feature = "zmq")]
+pub mod ingest;
 pub mod key;
+#[cfg(feature = "zmq")]
+pub mod publish;
 pub mod table;
 pub mod vllm_hash;
 
+pub use backend::IndexBackend;
 pub use error::{ErrorKind, IndexError, Result};
 pub use event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};
 pub use index::{
