@@ -699,7 +699,7 @@ impl Index {
 
 /// The alias table's key for an engine hash (0 and 1 are reserved by the table).
 #[inline]
-fn alias_key(h: EngineHash) -> u64 {
+pub(crate) fn alias_key(h: EngineHash) -> u64 {
     if h.0 < 2 {
         h.0 ^ 0xA5A5_5A5A_0F0F_F0F0
     } else {

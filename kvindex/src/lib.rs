@@ -13,7 +13,10 @@ pub mod ingest;
 pub mod key;
 #[cfg(feature = "zmq")]
 pub mod publish;
+#[cfg(feature = "redis")]
+pub mod redis_backend;
 pub mod table;
+pub mod trace;
 pub mod vllm_hash;
 
 pub use backend::IndexBackend;
@@ -24,3 +27,5 @@ pub use index::{
     Query, QueryBlocks, Tier,
 };
 pub use key::{BlockKey, KeyHasher, MmItem, Namespace};
+#[cfg(feature = "redis")]
+pub use redis_backend::RedisIndex;
