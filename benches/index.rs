@@ -200,6 +200,8 @@ fn main() {
     let mut ours_mem = 0isize;
     let mut ours_index = None;
     for run in 0..runs {
+        // Free the previous run's index first, so memory is measured from a clean state.
+        drop(ours_index.take());
         let before = live();
         let index = Index::new(IndexConfig { byte_budget: 8 << 30, ..IndexConfig::default() });
         let ids: Vec<_> = (0..a.engines)
@@ -262,8 +264,14 @@ fn main() {
     // 3a. Concurrent compressed radix tree, driven by its own worker loop on one thread.
     let mut crtc_ingest = Vec::new();
     let mut crtc_mem = 0isize;
-    let mut crtc_keep = None;
+    let mut crtc_keep: Option<(Arc<ConcurrentRadixTreeCompressed>, flume::Sender<WorkerTask>, std::thread::JoinHandle<_>)> = None;
     for run in 0..runs {
+        // Stop the previous run's worker (it owns lookup maps) before measuring this one.
+        if let Some((c, tx, th)) = crtc_keep.take() {
+            let _ = tx.send(WorkerTask::Terminate);
+            let _ = th.join();
+            drop(c);
+        }
         let before = live();
         let (events, dec_s) = decode_dynamo();
         let crtc = Arc::new(ConcurrentRadixTreeCompressed::new());
@@ -322,6 +330,7 @@ fn main() {
     let mut pos_mem = 0isize;
     let mut pos_keep = None;
     for run in 0..runs {
+        drop(pos_keep.take());
         let before = live();
         let (events, dec_s) = decode_dynamo();
         let pos = PositionalIndexer::new_with_mode(32, SearchMode::Strided);

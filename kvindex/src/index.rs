@@ -34,7 +34,9 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};
-use crate::key::{block_extras, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem, Namespace};
+use crate::key::{
+    block_extras, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem, Namespace, GROUP,
+};
 use crate::table::{Occupancy, Table, SLOT_BYTES};
 use crate::{IndexError, Result};
 
@@ -363,7 +365,7 @@ impl Index {
     /// An empty index.
     pub fn new(config: IndexConfig) -> Self {
         let slots = config.initial_slots.max(64);
-        let blocks = Arc::new(Table::new(slots));
+        let blocks = Arc::new(Table::grouped(slots));
         let aliases = Arc::new(Table::new(slots));
         let writer = Writer {
             blocks: blocks.clone(),
@@ -579,9 +581,9 @@ impl Index {
                     walk_chain(&blocks, &mut walk, weights, stamp, nblocks, |i| {
                         let toks = &tokens[i * bsz..(i + 1) * bsz];
                         let k = if mm.is_empty() {
-                            hasher.next(prev, toks)
+                            hasher.next(prev, i, toks)
                         } else {
-                            hasher.next_with(prev, toks, &block_extras(mm, i, bsz))
+                            hasher.next_with(prev, i, toks, &block_extras(mm, i, bsz))
                         };
                         prev = k.0;
                         Some(k.0)
@@ -709,6 +711,9 @@ pub(crate) fn alias_key(h: EngineHash) -> u64 {
 
 /// Walks a chain of `n` keys (produced lazily by `key_of`) over the block table, advancing every
 /// allowed engine that holds each block consecutively from block 0; stops when none advances.
+///
+/// Keys come a group ([`GROUP`] blocks) at a time; a group's blocks share a home in the table, so
+/// one scan of that run finds every holder of every block of the group.
 fn walk_chain(
     blocks: &Table,
     walk: &mut Walk,
@@ -717,41 +722,96 @@ fn walk_chain(
     n: usize,
     mut key_of: impl FnMut(usize) -> Option<u64>,
 ) {
-    for i in 0..n {
-        let Some(key) = key_of(i) else { return };
-        let depth = i as u32;
-        let mut advanced = 0u32;
-        blocks.for_each_indexed(key, |idx, v| {
-            let base = (v_group(v) * LANES) as usize;
-            let mut nibs = v as u32;
-            let mut hit = false;
-            while nibs != 0 {
-                let lane = nibs.trailing_zeros() / 4;
-                let nib = (nibs >> (lane * 4)) & 0xf;
-                nibs &= !(0xf << (lane * 4));
-                let e = base + lane as usize;
-                if e < walk.matched.len() && walk.allowed[e] && walk.matched[e] == depth {
-                    walk.matched[e] += 1;
-                    let mut best = 0.0f64;
-                    for t in 0..TIERS {
-                        if nib & (1 << t) != 0 {
-                            walk.tiers[e][t] += 1;
-                            best = best.max(weights[t]);
+    // Keys of the group being walked and of the next one: the next group's keys are hashed and
+    // its run fetched before the current group is processed, so the memory access of one group
+    // overlaps the hashing of the other.
+    let mut cur = [0u64; GROUP];
+    let mut nxt = [0u64; GROUP];
+    let mut fill = |buf: &mut [u64; GROUP], base: usize| -> usize {
+        let want = n.saturating_sub(base).min(GROUP);
+        for (j, slot) in buf.iter_mut().enumerate().take(want) {
+            match key_of(base + j) {
+                Some(k) => *slot = k,
+                None => return j,
+            }
+        }
+        want
+    };
+    // (position in the group, slot index, value) of every slot holding one of the group's keys.
+    let mut hits: Vec<(u8, usize, u64)> = Vec::with_capacity(64);
+    let mut starts: [usize; GROUP] = [usize::MAX; GROUP];
+    let mut base = 0;
+    let mut got = fill(&mut cur, 0);
+    while got > 0 {
+        let next_got = if got == GROUP { fill(&mut nxt, base + GROUP) } else { 0 };
+        if next_got > 0 {
+            let start = blocks.group_start(nxt[0]);
+            blocks.prefetch_slot(start);
+            blocks.prefetch_slot(start + 8);
+        }
+        hits.clear();
+        let pos0 = BlockKey(cur[0]).group_pos();
+        let mut nstarts = 0;
+        for j in 0..got {
+            // Normally the whole group has one anchor, hence one span: scan each span once.
+            let start = blocks.group_start(cur[j]);
+            if starts[..nstarts].contains(&start) {
+                continue;
+            }
+            starts[nstarts] = start;
+            nstarts += 1;
+            blocks.for_each_in_span(start, GROUP, |idx, k, v| {
+                let jj = (BlockKey(k).group_pos() + GROUP - pos0) % GROUP;
+                if jj < got && cur[jj] == k {
+                    hits.push((jj as u8, idx, v));
+                }
+                true
+            });
+        }
+        hits.sort_unstable_by_key(|h| h.0);
+        let mut h = 0;
+        for (j, &key) in cur.iter().enumerate().take(got) {
+            let depth = (base + j) as u32;
+            let mut advanced = 0u32;
+            while h < hits.len() && hits[h].0 as usize == j {
+                let (_, idx, v) = hits[h];
+                h += 1;
+                let gbase = (v_group(v) * LANES) as usize;
+                let mut nibs = v as u32;
+                let mut hit = false;
+                while nibs != 0 {
+                    let lane = nibs.trailing_zeros() / 4;
+                    let nib = (nibs >> (lane * 4)) & 0xf;
+                    nibs &= !(0xf << (lane * 4));
+                    let e = gbase + lane as usize;
+                    if e < walk.matched.len() && walk.allowed[e] && walk.matched[e] == depth {
+                        walk.matched[e] += 1;
+                        let mut best = 0.0f64;
+                        for (t, w) in weights.iter().enumerate() {
+                            if nib & (1 << t) != 0 {
+                                walk.tiers[e][t] += 1;
+                                best = best.max(*w);
+                            }
                         }
+                        walk.score[e] += best;
+                        advanced += 1;
+                        hit = true;
                     }
-                    walk.score[e] += best;
-                    advanced += 1;
-                    hit = true;
+                }
+                if hit && v_stamp(v) != stamp {
+                    blocks.try_update(idx, key, v, with_stamp(v, stamp));
                 }
             }
-            if hit && v_stamp(v) != stamp {
-                blocks.try_update(idx, key, v, with_stamp(v, stamp));
+            if advanced == 0 {
+                return;
             }
-            true
-        });
-        if advanced == 0 {
+        }
+        if got < GROUP {
             return;
         }
+        base += GROUP;
+        std::mem::swap(&mut cur, &mut nxt);
+        got = next_got;
     }
 }
 
@@ -798,19 +858,20 @@ pub(crate) fn event_keys(
     }
     let extras_of =
         |i: usize| ev.extra_keys.as_ref().and_then(|x| x.get(i)).and_then(|x| x.as_ref());
-    let mut prev = match parent {
-        Some(k) => k,
+    let (mut prev, first_pos) = match parent {
+        Some(k) => (k, BlockKey(k).group_pos() + 1),
         None => {
             let first = parse_extras(extras_of(0), ev.lora_name.as_deref());
-            root_seed(model, ev.lora_name.as_deref(), first.salt.as_deref())
+            (root_seed(model, ev.lora_name.as_deref(), first.salt.as_deref()), 0)
         }
     };
     for (i, toks) in ev.token_ids.chunks_exact(bs).enumerate().take(ev.block_hashes.len()) {
+        let pos = first_pos + i;
         let key = match extras_of(i) {
-            None => hasher.next(prev, toks),
+            None => hasher.next(prev, pos, toks),
             Some(x) => {
                 let parsed = parse_extras(Some(x), ev.lora_name.as_deref());
-                hasher.next_with(prev, toks, &parsed.extras)
+                hasher.next_with(prev, pos, toks, &parsed.extras)
             }
         };
         out.push(key);
@@ -915,6 +976,9 @@ impl Writer {
                 }
             },
         };
+        for h in &ev.block_hashes {
+            self.aliases.prefetch(alias_key(*h));
+        }
         let mut keys = std::mem::take(&mut self.scratch);
         event_keys(&mut self.hasher, &info.spec.model, ev, parent, &mut keys);
         for (&h, &key) in ev.block_hashes.iter().zip(&keys) {
@@ -950,21 +1014,29 @@ impl Writer {
 
     fn add_alias(&mut self, inner: &Inner, h: EngineHash, key: u64) {
         let ak = alias_key(h);
-        if let Some(idx) = self.aliases.find(ak, |_| true) {
-            let old = self.aliases.val(idx);
-            if old != key {
-                // Either a 64-bit collision between engines with different hash functions, or a
-                // dead alias (its block was dropped) being reused: keep the alias in use.
-                if self.blocks.get(old).is_some() {
-                    self.stats.alias_conflicts += 1;
-                } else {
-                    self.aliases.set_val(idx, key);
+        let mut seen = false;
+        match self.aliases.find_or_vacancy(ak, &mut seen, |_| true) {
+            Ok(idx) => {
+                let old = self.aliases.val(idx);
+                if old != key {
+                    // Either a 64-bit collision between engines with different hash functions,
+                    // or a dead alias (its block was dropped) being reused: keep the one in use.
+                    if self.blocks.get(old).is_some() {
+                        self.stats.alias_conflicts += 1;
+                    } else {
+                        self.aliases.set_val(idx, key);
+                    }
                 }
             }
-            return;
+            Err(mut vacancy) => {
+                if self.alias_room(inner) {
+                    vacancy = match self.aliases.find_or_vacancy(ak, &mut seen, |_| true) {
+                        Ok(i) | Err(i) => i,
+                    };
+                }
+                self.aliases.fill(vacancy, ak, key, &mut self.aliases_occ);
+            }
         }
-        self.alias_room(inner);
-        self.aliases.insert(ak, key, &mut self.aliases_occ);
     }
 
     /// Marks (key, engine, tier) held. `restore` re-marks without counting a new announcement.
@@ -973,34 +1045,36 @@ impl Writer {
         let (g, lane) = (e / LANES, e % LANES);
         let bit = tier_bit(lane, tier);
         let mut key_seen = false;
-        let found = self.blocks.find(key, |v| {
-            key_seen = true;
-            v_group(v) == g
-        });
-        if let Some(idx) = found {
-            let v = self.blocks.val(idx);
-            if v & bit != 0 {
-                if !restore {
-                    *self.dups.entry((e, key, tier as u8)).or_insert(0) += 1;
+        match self.blocks.find_or_vacancy(key, &mut key_seen, |v| v_group(v) == g) {
+            Ok(idx) => {
+                let v = self.blocks.val(idx);
+                if v & bit != 0 {
+                    if !restore {
+                        *self.dups.entry((e, key, tier as u8)).or_insert(0) += 1;
+                    }
+                    if v_stamp(v) != stamp {
+                        self.blocks.set_val(idx, with_stamp(v, stamp));
+                    }
+                    return;
                 }
-                if v_stamp(v) != stamp {
-                    self.blocks.set_val(idx, with_stamp(v, stamp));
+                self.blocks.set_val(idx, with_stamp(v | bit, stamp));
+            }
+            Err(mut vacancy) => {
+                if self.block_room(inner) {
+                    // The table was rebuilt or evicted: look again.
+                    key_seen = false;
+                    vacancy = match self.blocks.find_or_vacancy(key, &mut key_seen, |_| false) {
+                        Ok(i) | Err(i) => i,
+                    };
                 }
-                return;
-            }
-            self.blocks.set_val(idx, with_stamp(v | bit, stamp));
-        } else {
-            if self.block_room(inner) {
-                // The table was rebuilt or evicted: whether the key still exists must be re-read.
-                key_seen = self.blocks.get(key).is_some();
-            }
-            let v = bit
-                | (u64::from(g) << GROUP_SHIFT)
-                | (u64::from(depth.min(255)) << DEPTH_SHIFT)
-                | (u64::from(stamp) << STAMP_SHIFT);
-            self.blocks.insert(key, v, &mut self.blocks_occ);
-            if !key_seen {
-                self.distinct += 1;
+                let v = bit
+                    | (u64::from(g) << GROUP_SHIFT)
+                    | (u64::from(depth.min(255)) << DEPTH_SHIFT)
+                    | (u64::from(stamp) << STAMP_SHIFT);
+                self.blocks.fill(vacancy, key, v, &mut self.blocks_occ);
+                if !key_seen {
+                    self.distinct += 1;
+                }
             }
         }
         self.memberships += 1;
@@ -1097,11 +1171,12 @@ impl Writer {
     }
 
     /// Makes room for one more alias: drops aliases of blocks no engine holds, grows, or evicts.
-    fn alias_room(&mut self, inner: &Inner) {
+    /// Returns true if the table changed.
+    fn alias_room(&mut self, inner: &Inner) -> bool {
         let cap = self.aliases.capacity();
         let used = self.aliases_occ.live + self.aliases_occ.tombs + 1;
         if (used as f64) <= MAX_LOAD * cap as f64 {
-            return;
+            return false;
         }
         let max = self.max_slots(&inner.config);
         let blocks = self.blocks.clone();
@@ -1125,6 +1200,7 @@ impl Writer {
         let (t, occ) = self.aliases.rebuild(target, |_, v| blocks.get(v).is_some());
         self.aliases = Arc::new(t);
         self.aliases_occ = occ;
+        true
     }
 
     /// Evicts blocks until at most `target` block slots are live: in windows of the table, the

@@ -12,6 +12,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::key::{BlockKey, ANCHOR_SHIFT};
+
 /// Key of an empty slot.
 pub const EMPTY: u64 = 0;
 /// Key of a deleted slot.
@@ -28,6 +30,9 @@ pub const SLOT_BYTES: usize = std::mem::size_of::<u64>() * 2;
 /// The table. See the module docs for the concurrency contract.
 pub struct Table {
     slots: Box<[Slot]>,
+    /// Home slots by the key's anchor bits (block keys: a chain group lies in one run) rather
+    /// than by the whole key (engine-hash aliases).
+    grouped: bool,
 }
 
 /// The writer's bookkeeping for a table (kept outside it, under the writer's lock).
@@ -45,13 +50,23 @@ fn spread(key: u64) -> u64 {
 }
 
 impl Table {
-    /// A table of `capacity` empty slots (at least 8).
+    /// A table of `capacity` empty slots (at least 8), homing keys by their whole value.
     pub fn new(capacity: usize) -> Self {
+        Self::with_homes(capacity, false)
+    }
+
+    /// A table of `capacity` empty slots homing keys by their anchor bits
+    /// ([`crate::key::ANCHOR_SHIFT`]), so a group of chained blocks lies in one run.
+    pub fn grouped(capacity: usize) -> Self {
+        Self::with_homes(capacity, true)
+    }
+
+    fn with_homes(capacity: usize, grouped: bool) -> Self {
         let capacity = capacity.max(8);
         let slots = (0..capacity)
             .map(|_| Slot { key: AtomicU64::new(EMPTY), val: AtomicU64::new(0) })
             .collect();
-        Table { slots }
+        Table { slots, grouped }
     }
 
     /// Number of slots.
@@ -68,7 +83,58 @@ impl Table {
     #[inline]
     fn home(&self, key: u64) -> usize {
         // Multiply-shift range reduction: works for any capacity, not only powers of two.
-        ((u128::from(spread(key)) * self.slots.len() as u128) >> 64) as usize
+        let reduce = |h: u64| ((u128::from(spread(h)) * self.slots.len() as u128) >> 64) as usize;
+        if self.grouped {
+            // A group's blocks have consecutive homes after their anchor's.
+            self.wrap(reduce(key >> ANCHOR_SHIFT) + BlockKey(key).group_pos())
+        } else {
+            reduce(key)
+        }
+    }
+
+    /// `i` reduced into the table, for `i < 2 * capacity`.
+    #[inline]
+    fn wrap(&self, i: usize) -> usize {
+        if i >= self.slots.len() {
+            i - self.slots.len()
+        } else {
+            i
+        }
+    }
+
+    /// Grouped tables: the home of position 0 of `key`'s group.
+    #[inline]
+    pub fn group_start(&self, key: u64) -> usize {
+        let reduce = ((u128::from(spread(key >> ANCHOR_SHIFT)) * self.slots.len() as u128) >> 64) as usize;
+        reduce
+    }
+
+    /// Reader: visits the live slots from `start` on, as `(index, key, value)`, until an empty
+    /// slot at least `len` slots after `start` (every run starting in `[start, start + len)`
+    /// is covered), or until `f` returns false.
+    #[inline]
+    pub fn for_each_in_span(
+        &self,
+        start: usize,
+        len: usize,
+        mut f: impl FnMut(usize, u64, u64) -> bool,
+    ) {
+        let mut i = start;
+        for off in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let k = s.key.load(Ordering::Acquire);
+            if k == EMPTY {
+                if off >= len {
+                    return;
+                }
+            } else if k != TOMB {
+                let v = s.val.load(Ordering::Acquire);
+                if s.key.load(Ordering::Acquire) == k && !f(i, k, v) {
+                    return;
+                }
+            }
+            i = self.next(i);
+        }
     }
 
     #[inline]
@@ -80,12 +146,27 @@ impl Table {
         }
     }
 
-    /// Hints the CPU to fetch the home slot of `key` (used to overlap lookups of a chain).
+    /// Hints the CPU to fetch the home slot of `key`.
     #[inline]
     pub fn prefetch(&self, key: u64) {
-        let i = self.home(key);
-        // A plain relaxed load of the home slot pulls its cache line in; the value is ignored.
-        let _ = self.slots[i].key.load(Ordering::Relaxed);
+        self.prefetch_slot(self.home(key));
+    }
+
+    /// Hints the CPU to fetch slot `idx` (`idx < 2 * capacity`, wrapped), without waiting for
+    /// it.
+    #[inline]
+    pub fn prefetch_slot(&self, idx: usize) {
+        let slot = &self.slots[self.wrap(idx)];
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        // SAFETY: `_mm_prefetch` only needs SSE, which every x86-64 CPU has; a prefetch is a
+        // hint that never faults and writes nothing, and the address is a live slot anyway.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(slot).cast::<i8>());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = slot;
     }
 
     /// Reader: calls `f` with the value of every slot holding `key`, until `f` returns false.
@@ -183,6 +264,52 @@ impl Table {
         self.slots[idx].val.store(val, Ordering::Release);
     }
 
+    /// Writer: one probe that finds the first slot holding `key` whose value satisfies `pred`
+    /// (`Ok(index)`), or else says where `key` would be inserted (`Err(index)`). `seen` is set
+    /// when any slot holding `key` was passed.
+    #[inline]
+    pub fn find_or_vacancy(
+        &self,
+        key: u64,
+        seen: &mut bool,
+        mut pred: impl FnMut(u64) -> bool,
+    ) -> Result<usize, usize> {
+        let mut i = self.home(key);
+        let mut tomb = None;
+        for _ in 0..self.slots.len() {
+            let k = self.slots[i].key.load(Ordering::Relaxed);
+            if k == EMPTY {
+                return Err(tomb.unwrap_or(i));
+            }
+            if k == TOMB {
+                if tomb.is_none() {
+                    tomb = Some(i);
+                }
+            } else if k == key {
+                *seen = true;
+                if pred(self.slots[i].val.load(Ordering::Relaxed)) {
+                    return Ok(i);
+                }
+            }
+            i = self.next(i);
+        }
+        Err(tomb.unwrap_or(i))
+    }
+
+    /// Writer: fills the vacancy `idx` returned by [`Table::find_or_vacancy`] (with no table
+    /// change in between).
+    #[inline]
+    pub fn fill(&self, idx: usize, key: u64, val: u64, occ: &mut Occupancy) {
+        let s = &self.slots[idx];
+        if s.key.load(Ordering::Relaxed) == TOMB {
+            occ.tombs -= 1;
+        }
+        // Value before key: a reader that sees the key also sees this value (Release/Acquire).
+        s.val.store(val, Ordering::Release);
+        s.key.store(key, Ordering::Release);
+        occ.live += 1;
+    }
+
     /// Writer: inserts a new slot (duplicates allowed). The caller keeps the load below 1.
     /// Returns the slot index.
     pub fn insert(&self, key: u64, val: u64, occ: &mut Occupancy) -> usize {
@@ -252,7 +379,7 @@ impl Table {
         capacity: usize,
         mut keep: impl FnMut(u64, u64) -> bool,
     ) -> (Table, Occupancy) {
-        let t = Table::new(capacity);
+        let t = Table::with_homes(capacity, self.grouped);
         let mut occ = Occupancy::default();
         self.scan(|_, k, v| {
             if keep(k, v) {

@@ -28,15 +28,23 @@ fn stored(hashes: &[u64], parent: Option<u64>, first_token: u32) -> EventBatch {
 }
 
 fn publisher(ctx: &zmq::Context, endpoint: &str, replay: &str) -> EventPublisher {
-    EventPublisher::start(
-        ctx,
-        PublisherConfig {
+    // ZMQ closes listeners asynchronously: a restarted publisher may need a moment to rebind.
+    let t = Instant::now();
+    loop {
+        let cfg = PublisherConfig {
             replay_endpoint: Some(replay.into()),
             topic: "kv@pod@m".into(),
             ..PublisherConfig::new(endpoint)
-        },
-    )
-    .expect("publisher binds")
+        };
+        match EventPublisher::start(ctx, cfg) {
+            Ok(p) => return p,
+            Err(e) if t.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("publisher cannot bind {endpoint}: {e}"),
+        }
+    }
 }
 
 fn matched(index: &Index, tokens: &[u32]) -> u32 {
