@@ -9,7 +9,10 @@
 //! * a jump forward is a gap: the missing batches are replayed, in order, before the new one;
 //! * a jump backwards means the engine restarted: its blocks are cleared, then as above;
 //! * batches that cannot be recovered (no replay endpoint, or older than the engine's replay
-//!   buffer) are counted in [`StreamStatus::lost_batches`].
+//!   buffer) are counted in [`StreamStatus::lost_batches`];
+//! * when the connection to the engine drops, its blocks are cleared at once (a dead or
+//!   restarting engine holds nothing a scheduler should route to); on reconnection a sequence that
+//!   went back is a restart, and one that goes on is rebuilt from the replay buffer.
 //!
 //! A `BlockStored` whose parent the index does not know is never dropped silently: the thread
 //! replays the engine's buffer, rebuilds the missing ancestry from the Stored events found there
@@ -92,6 +95,10 @@ pub struct StreamStatus {
     pub lost_batches: u64,
     /// Engine restarts detected (sequence went back).
     pub restarts: u64,
+    /// Times the connection to the engine dropped.
+    pub disconnects: u64,
+    /// Whether the SUB socket is connected to the engine now.
+    pub connected: bool,
     /// Payloads that failed to decode.
     pub decode_errors: u64,
     /// Orphaned stores seen, recovered, and given up on.
@@ -114,6 +121,8 @@ pub struct StreamTracker {
     backend: Arc<dyn IndexBackend>,
     engine: EngineId,
     expected: Option<u64>,
+    /// The connection dropped since the last message: the engine's blocks were cleared.
+    dropped: bool,
     last_orphan_replay: Option<Instant>,
     orphan_interval: Duration,
     /// Counters (shared with status readers).
@@ -127,6 +136,7 @@ impl StreamTracker {
             backend,
             engine,
             expected: None,
+            dropped: false,
             last_orphan_replay: None,
             orphan_interval: cfg.orphan_replay_interval,
             status: StreamStatus { engine: Some(engine), name, ..StreamStatus::default() },
@@ -142,6 +152,18 @@ impl StreamTracker {
         batch: Result<EventBatch>,
         replay: &mut dyn FnMut(u64) -> Option<Replayed>,
     ) -> Result<()> {
+        if self.dropped {
+            // The engine's blocks were cleared when the connection dropped: rebuild them.
+            self.dropped = false;
+            if self.expected.is_some_and(|e| seq < e) {
+                self.status.restarts += 1;
+            }
+            if seq > 0 {
+                self.catch_up(0, seq, replay);
+            }
+            self.expected = Some(seq.wrapping_add(1));
+            return self.apply_decoded(seq, batch, replay);
+        }
         match self.expected {
             Some(e) if seq == e => {}
             Some(e) if seq > e => {
@@ -161,6 +183,18 @@ impl StreamTracker {
         }
         self.expected = Some(seq.wrapping_add(1));
         self.apply_decoded(seq, batch, replay)
+    }
+
+    /// The connection to the engine dropped: whatever it held is no longer known, so it is
+    /// cleared now rather than kept stale until the engine speaks again.
+    pub fn on_disconnect(&mut self) -> Result<()> {
+        self.status.disconnects += 1;
+        self.status.connected = false;
+        if !self.dropped {
+            self.dropped = true;
+            self.backend.clear_engine(self.engine)?;
+        }
+        Ok(())
     }
 
     /// Replays and applies `[from, to)`; counts what could not be recovered.
@@ -382,6 +416,14 @@ impl Ingestor {
         let id = self.backend.add_engine(spec)?;
         let sub = self.ctx.socket(zmq::SUB).map_err(zmq_err)?;
         sub.set_linger(0).map_err(zmq_err)?;
+        let monitor_addr = format!("inproc://kvindex-monitor-{}", MONITOR_ID.fetch_add(1, Ordering::Relaxed));
+        sub.monitor(
+            &monitor_addr,
+            zmq::SocketEvent::CONNECTED as i32 | zmq::SocketEvent::DISCONNECTED as i32,
+        )
+        .map_err(zmq_err)?;
+        let monitor = self.ctx.socket(zmq::PAIR).map_err(zmq_err)?;
+        monitor.connect(&monitor_addr).map_err(zmq_err)?;
         sub.set_rcvhwm(0).map_err(zmq_err)?;
         sub.set_subscribe(ep.topic.as_bytes()).map_err(zmq_err)?;
         if ep.endpoint.contains('*') {
@@ -401,6 +443,7 @@ impl Ingestor {
             config: self.config.clone(),
             endpoint: ep.clone(),
             sub,
+            monitor,
             replayer,
             stop: stop.clone(),
             streams: streams.clone(),
@@ -470,6 +513,8 @@ struct Worker {
     config: IngestConfig,
     endpoint: EngineEndpoint,
     sub: zmq::Socket,
+    /// Connection events of `sub`.
+    monitor: zmq::Socket,
     replayer: Option<Replayer>,
     stop: Arc<AtomicBool>,
     streams: Arc<Mutex<HashMap<(Vec<u8>, u32), StreamStatus>>>,
@@ -477,11 +522,14 @@ struct Worker {
     base: EngineId,
 }
 
+static MONITOR_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Worker {
     fn run(self) {
         let mut trackers: HashMap<(Vec<u8>, u32), StreamTracker> = HashMap::new();
         while !self.stop.load(Ordering::Relaxed) {
-            match self.sub.poll(zmq::POLLIN, 100) {
+            let mut items = [self.sub.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
+            match zmq::poll(&mut items, 100) {
                 Ok(0) => continue,
                 Ok(_) => {}
                 Err(e) => {
@@ -489,6 +537,13 @@ impl Worker {
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
+            }
+            let (sub_ready, monitor_ready) = (items[0].is_readable(), items[1].is_readable());
+            if monitor_ready {
+                self.connection_events(&mut trackers);
+            }
+            if !sub_ready {
+                continue;
             }
             let frames = match self.sub.recv_multipart(0) {
                 Ok(f) => f,
@@ -531,6 +586,27 @@ impl Worker {
         }
     }
 
+    /// Handles the SUB socket's connection events.
+    fn connection_events(&self, trackers: &mut HashMap<(Vec<u8>, u32), StreamTracker>) {
+        while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
+            let Some(ev) = frames.first().filter(|f| f.len() >= 2) else { continue };
+            let event = u16::from_le_bytes([ev[0], ev[1]]);
+            let connected = event == zmq::SocketEvent::CONNECTED as u16;
+            let disconnected = event == zmq::SocketEvent::DISCONNECTED as u16;
+            for (key, tracker) in trackers.iter_mut() {
+                if disconnected {
+                    tracing::warn!(target: "kvindex", engine = %tracker.status.name, "engine disconnected; its blocks are cleared");
+                    if let Err(e) = tracker.on_disconnect() {
+                        tracker.status.last_error = Some(e.to_string());
+                    }
+                } else if connected {
+                    tracker.status.connected = true;
+                }
+                self.streams.lock().insert(key.clone(), tracker.status.clone());
+            }
+        }
+    }
+
     fn tracker_for(&self, rank: u32) -> Result<StreamTracker> {
         let spec = EngineSpec { pod: self.endpoint.pod.clone(), dp_rank: rank, model: self.endpoint.model.clone() };
         let id = if rank == self.endpoint.dp_rank { self.base } else { self.backend.add_engine(spec.clone())? };
@@ -538,7 +614,9 @@ impl Worker {
         if !engines.contains(&id) {
             engines.push(id);
         }
-        Ok(StreamTracker::new(self.backend.clone(), id, spec.name(), &self.config))
+        let mut t = StreamTracker::new(self.backend.clone(), id, spec.name(), &self.config);
+        t.status.connected = true;
+        Ok(t)
     }
 }
 

@@ -107,8 +107,11 @@ fn late_join_gap_restart_and_orphan() {
     let s = status(&ing);
     assert_eq!((s.gaps, s.lost_batches), (1, 0));
 
-    // The engine restarts: its sequence starts again at 0 and its old blocks are gone.
+    // The engine goes away: as soon as the connection drops, its blocks are cleared.
     drop(publ);
+    wait_for("disconnect clears the engine", || matched(&index, &all) == 0);
+    assert_eq!(status(&ing).disconnects, 1);
+    // It comes back: its sequence starts again at 0; that is a restart.
     let publ = publisher(&ctx, &ep, &rep);
     std::thread::sleep(Duration::from_millis(300));
     publ.publish(&stored(&[100], None, 0)).unwrap();

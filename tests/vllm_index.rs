@@ -1,0 +1,116 @@
+//! End to end with real vLLM: two engines (CPU build, tiny random-weight model) publish KV events
+//! over ZMQ; kvindex ingests them. Before each request, the index's predicted prefix hit for the
+//! target engine must equal the `cached_tokens` vLLM then reports. One engine has a KV cache small
+//! enough to force evictions; the other is killed and restarted half-way.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{require_vllm, Engine};
+use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor};
+use kvindex::{EngineId, Index, Namespace, Query, QueryBlocks};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BLOCK: usize = 32;
+const MODEL: &str = "tiny";
+
+/// Waits until the ingestor has applied everything the engines published: no new batch for a
+/// while.
+fn settle(ing: &Ingestor) {
+    let total = || ing.status().iter().map(|s| s.batches + s.lost_batches).sum::<u64>();
+    let mut last = total();
+    let mut stable_since = Instant::now();
+    let start = Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = total();
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_millis(150) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "events never settled");
+    }
+}
+
+fn predicted(index: &Index, id: EngineId, prompt: &[u32]) -> u64 {
+    let ns = Namespace::model(MODEL);
+    let q = Query { namespace: &ns, blocks: QueryBlocks::Tokens { tokens: prompt, mm: &[] }, engines: Some(&[id]) };
+    let matched = index.query(&q).first().map_or(0, |m| u64::from(m.matched_tokens));
+    // vLLM always computes the last prompt token, so a full hit stops one block short.
+    let cap = ((prompt.len() as u64 - 1) / BLOCK as u64) * BLOCK as u64;
+    matched.min(cap)
+}
+
+#[test]
+fn index_predicts_vllm_prefix_hits() {
+    require_vllm();
+    // e1: a large cache, killed and restarted half-way. e2: 48 blocks, so it evicts constantly.
+    let (mut e1, e2) = std::thread::scope(|s| {
+        let a = s.spawn(|| Engine::start("e1", None, Some("0")));
+        let b = s.spawn(|| Engine::start("e2", Some(48), Some("1")));
+        (a.join().expect("e1 starts"), b.join().expect("e2 starts"))
+    });
+    let index = Index::default();
+    let ing = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
+    let mut ids = Vec::new();
+    for e in [&e1, &e2] {
+        ids.push(
+            ing.add(EngineEndpoint {
+                pod: e.name.clone(),
+                model: MODEL.into(),
+                dp_rank: 0,
+                endpoint: e.pub_endpoint.clone(),
+                replay_endpoint: Some(e.replay_endpoint.clone()),
+                topic: format!("kv@{}@", e.name),
+            })
+            .expect("subscribe"),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Prompts share prefixes: a few documents, cut at random lengths, plus a random tail.
+    let mut rng = StdRng::seed_from_u64(7);
+    let docs: Vec<Vec<u32>> = (0..8).map(|_| (0..700).map(|_| rng.random_range(5..4000)).collect()).collect();
+    let requests = 300;
+    let (mut mismatches, mut hits, mut checked) = (Vec::new(), 0u64, 0);
+    for i in 0..requests {
+        if i == requests / 2 {
+            e1.restart();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let target = rng.random_range(0..2usize);
+        let doc = &docs[rng.random_range(0..docs.len())];
+        let cut = rng.random_range(40..doc.len());
+        let mut prompt: Vec<u32> = doc[..cut].to_vec();
+        let tail = rng.random_range(1..60);
+        prompt.extend((0..tail).map(|_| rng.random_range(5..4000u32)));
+        settle(&ing);
+        let engine = if target == 0 { &e1 } else { &e2 };
+        let want = predicted(&index, ids[target], &prompt);
+        let resp = engine.complete(&prompt);
+        let got = Engine::cached_tokens(&resp);
+        checked += 1;
+        hits += got;
+        if want != got {
+            mismatches.push(format!("request {i} to {}: {} tokens, index predicted {want}, vLLM cached {got}", engine.name, prompt.len()));
+        }
+    }
+    settle(&ing);
+    let status = ing.status();
+    let s1 = status.iter().find(|s| s.name == "e1").expect("e1 status");
+    let s2 = status.iter().find(|s| s.name == "e2").expect("e2 status");
+    let stats = index.stats();
+    eprintln!("checked {checked} requests, {hits} cached tokens in all; index {stats:?}; e1 {s1:?}; e2 {s2:?}");
+    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(checked >= 200);
+    assert!(hits > 0, "the workload must produce prefix hits");
+    assert!(stats.blocks_removed > 0, "the small engine must evict");
+    assert_eq!(s1.restarts, 1, "the restart of e1 must be detected");
+    assert_eq!(s1.lost_batches + s2.lost_batches, 0);
+    drop(e2);
+}
