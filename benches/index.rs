@@ -99,7 +99,12 @@ fn args() -> Args {
             "--quick" => a.quick = true,
             "--trace" => a.trace = it.next().expect("--trace FILE").into(),
             "--engines" => a.engines = it.next().and_then(|v| v.parse().ok()).expect("--engines N"),
-            "--capacity" => a.capacity = it.next().and_then(|v| v.parse().ok()).expect("--capacity BLOCKS"),
+            "--capacity" => {
+                a.capacity = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--capacity BLOCKS")
+            }
             "--requests" => a.requests = it.next().and_then(|v| v.parse().ok()),
             "--queries" => a.queries = it.next().and_then(|v| v.parse().ok()).expect("--queries N"),
             "--bench" => {}
@@ -135,9 +140,15 @@ fn dynamo_hashes(tokens: &[u32]) -> (Vec<LocalBlockHash>, Vec<u64>) {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     format!("{cpu}, {cores} cores")
 }
 
@@ -148,7 +159,9 @@ fn main() {
     eprintln!("[index] {} requests from {}", reqs.len(), a.trace.display());
 
     // 1. The workload: each engine serves its requests and publishes vLLM batches.
-    let mut engines: Vec<LruEngine> = (0..a.engines).map(|_| LruEngine::new(a.capacity, BS)).collect();
+    let mut engines: Vec<LruEngine> = (0..a.engines)
+        .map(|_| LruEngine::new(a.capacity, BS))
+        .collect();
     let mut payloads: Vec<(usize, Vec<u8>)> = Vec::new();
     let mut prompts: Vec<Vec<u32>> = Vec::new();
     let (mut stored, mut removed) = (0usize, 0usize);
@@ -177,7 +190,11 @@ fn main() {
     let block_ops = stored + removed;
     let memberships: usize = engines.iter().map(|e| e.len()).sum();
     // Distinct blocks held by some engine at the end (content is named by the sequence hash).
-    let distinct: usize = engines.iter().flat_map(|e| e.held()).collect::<HashSet<u64>>().len();
+    let distinct: usize = engines
+        .iter()
+        .flat_map(|e| e.held())
+        .collect::<HashSet<u64>>()
+        .len();
     eprintln!(
         "[index] {} batches, {} block ops ({} stored, {} removed); {} blocks held ({} distinct) at the end; {:.1}s",
         payloads.len(),
@@ -192,10 +209,16 @@ fn main() {
     // Query sample: spread over the trace; and 8k-token prompts.
     let step = (prompts.len() / a.queries.max(1)).max(1);
     let sample: Vec<&Vec<u32>> = prompts.iter().step_by(step).take(a.queries).collect();
-    let long: Vec<&[u32]> = prompts.iter().filter(|p| p.len() >= 8192).take(a.queries).map(|p| &p[..8192]).collect();
+    let long: Vec<&[u32]> = prompts
+        .iter()
+        .filter(|p| p.len() >= 8192)
+        .take(a.queries)
+        .map(|p| &p[..8192])
+        .collect();
 
     // 2. kvindex.
-    let runs = if a.quick { 3 } else { 3 };
+    // Medians of three runs: these machines are noisy.
+    let runs = 3;
     let mut ours_ingest = Vec::new();
     let mut ours_mem = 0isize;
     let mut ours_index = None;
@@ -203,9 +226,20 @@ fn main() {
         // Free the previous run's index first, so memory is measured from a clean state.
         drop(ours_index.take());
         let before = live();
-        let index = Index::new(IndexConfig { byte_budget: 8 << 30, ..IndexConfig::default() });
+        let index = Index::new(IndexConfig {
+            byte_budget: 8 << 30,
+            ..IndexConfig::default()
+        });
         let ids: Vec<_> = (0..a.engines)
-            .map(|e| index.add_engine(EngineSpec { pod: format!("engine-{e}"), dp_rank: 0, model: MODEL.into() }).unwrap())
+            .map(|e| {
+                index
+                    .add_engine(EngineSpec {
+                        pod: format!("engine-{e}"),
+                        dp_rank: 0,
+                        model: MODEL.into(),
+                    })
+                    .unwrap()
+            })
             .collect();
         let t = Instant::now();
         for (e, p) in &payloads {
@@ -215,12 +249,19 @@ fn main() {
         let secs = t.elapsed().as_secs_f64();
         ours_ingest.push(block_ops as f64 / secs);
         ours_mem = live() - before;
-        eprintln!("[index] kvindex ingest run {}: {:.2} M block ops/s", run + 1, block_ops as f64 / secs / 1e6);
+        eprintln!(
+            "[index] kvindex ingest run {}: {:.2} M block ops/s",
+            run + 1,
+            block_ops as f64 / secs / 1e6
+        );
         ours_index = Some(index);
     }
     let index = ours_index.expect("ran");
     let st = index.stats();
-    assert_eq!(st.memberships, memberships, "kvindex holds what the engines hold");
+    assert_eq!(
+        st.memberships, memberships,
+        "kvindex holds what the engines hold"
+    );
     let ns = Namespace::model(MODEL);
     let time_queries = |qs: &[&[u32]], f: &mut dyn FnMut(&[u32]) -> usize| -> Vec<f64> {
         let mut lat = Vec::with_capacity(qs.len());
@@ -234,7 +275,16 @@ fn main() {
     };
     let sample_s: Vec<&[u32]> = sample.iter().map(|p| p.as_slice()).collect();
     let mut ours_q = |toks: &[u32]| -> usize {
-        index.query(&Query { namespace: &ns, blocks: QueryBlocks::Tokens { tokens: toks, mm: &[] }, engines: None }).len()
+        index
+            .query(&Query {
+                namespace: &ns,
+                blocks: QueryBlocks::Tokens {
+                    tokens: toks,
+                    mm: &[],
+                },
+                engines: None,
+            })
+            .len()
     };
     let _warm = time_queries(&sample_s, &mut ours_q);
     let ours_lat = time_queries(&sample_s, &mut ours_q);
@@ -243,7 +293,9 @@ fn main() {
     // 3. dynamo: decode with its own vLLM decoder, normalise, and build RouterEvents.
     let decode_dynamo = || -> (Vec<RouterEvent>, f64) {
         let t = Instant::now();
-        let mut norms: Vec<ZmqEventNormalizer> = (0..a.engines).map(|_| ZmqEventNormalizer::new(BS as u32)).collect();
+        let mut norms: Vec<ZmqEventNormalizer> = (0..a.engines)
+            .map(|_| ZmqEventNormalizer::new(BS as u32))
+            .collect();
         let mut ids = vec![0u64; a.engines];
         let mut out = Vec::with_capacity(payloads.len() * 2);
         for (e, p) in &payloads {
@@ -251,7 +303,9 @@ fn main() {
             let dp = batch.data_parallel_rank.unwrap_or(0) as u32;
             for raw in batch.events {
                 ids[*e] += 1;
-                if let Some(pe) = norms[*e].normalize(raw, ids[*e], WorkerWithDpRank::new(*e as u64, dp)) {
+                if let Some(pe) =
+                    norms[*e].normalize(raw, ids[*e], WorkerWithDpRank::new(*e as u64, dp))
+                {
                     if let Some(ev) = pe.into_router_event() {
                         out.push(ev);
                     }
@@ -264,7 +318,11 @@ fn main() {
     // 3a. Concurrent compressed radix tree, driven by its own worker loop on one thread.
     let mut crtc_ingest = Vec::new();
     let mut crtc_mem = 0isize;
-    let mut crtc_keep: Option<(Arc<ConcurrentRadixTreeCompressed>, flume::Sender<WorkerTask>, std::thread::JoinHandle<_>)> = None;
+    let mut crtc_keep: Option<(
+        Arc<ConcurrentRadixTreeCompressed>,
+        flume::Sender<WorkerTask>,
+        std::thread::JoinHandle<_>,
+    )> = None;
     for run in 0..runs {
         // Stop the previous run's worker (it owns lookup maps) before measuring this one.
         if let Some((c, tx, th)) = crtc_keep.take() {
@@ -310,11 +368,22 @@ fn main() {
     // Sanity: both indexes agree on every sampled prompt's best match.
     let mut disagree = 0;
     for q in &sample_s {
-        let ours = index.query(&Query { namespace: &ns, blocks: QueryBlocks::Tokens { tokens: q, mm: &[] }, engines: None });
+        let ours = index.query(&Query {
+            namespace: &ns,
+            blocks: QueryBlocks::Tokens { tokens: q, mm: &[] },
+            engines: None,
+        });
         let locals = compute_block_hash_for_seq(q, BS as u32, BlockHashOptions::default());
         let theirs = crtc.find_matches(&locals, false);
-        let mut a1: Vec<(u64, u32)> = ours.iter().map(|m| (m.name[7..].parse().unwrap_or(0), m.matched_blocks)).collect();
-        let mut b1: Vec<(u64, u32)> = theirs.scores.iter().map(|(w, d)| (w.worker_id, *d)).collect();
+        let mut a1: Vec<(u64, u32)> = ours
+            .iter()
+            .map(|m| (m.name[7..].parse().unwrap_or(0), m.matched_blocks))
+            .collect();
+        let mut b1: Vec<(u64, u32)> = theirs
+            .scores
+            .iter()
+            .map(|(w, d)| (w.worker_id, *d))
+            .collect();
         a1.sort();
         b1.sort();
         if a1 != b1 {
@@ -393,13 +462,33 @@ fn main() {
     ];
     let higher_better = [true, false, false, false, false, false];
     let best: Vec<f64> = (0..6)
-        .map(|i| if higher_better[i] { crtc_f[i].max(pos_f[i]) } else { crtc_f[i].min(pos_f[i]) })
+        .map(|i| {
+            if higher_better[i] {
+                crtc_f[i].max(pos_f[i])
+            } else {
+                crtc_f[i].min(pos_f[i])
+            }
+        })
         .collect();
-    let names = ["ingest_blocks_per_s", "query_p50_us", "query_p99_us", "query_8k_p99_us", "bytes_per_block", "bytes_per_entry"];
+    let names = [
+        "ingest_blocks_per_s",
+        "query_p50_us",
+        "query_p99_us",
+        "query_8k_p99_us",
+        "bytes_per_block",
+        "bytes_per_entry",
+    ];
     println!();
-    println!("{:<22} {:>14} {:>14} {:>14} {:>14} {:>9}", "figure", "kvindex", "dynamo best", "dynamo crtc", "dynamo pos.", "ratio");
+    println!(
+        "{:<22} {:>14} {:>14} {:>14} {:>14} {:>9}",
+        "figure", "kvindex", "dynamo best", "dynamo crtc", "dynamo pos.", "ratio"
+    );
     for i in 0..6 {
-        let ratio = if higher_better[i] { ours[i] / best[i] } else { best[i] / ours[i] };
+        let ratio = if higher_better[i] {
+            ours[i] / best[i]
+        } else {
+            best[i] / ours[i]
+        };
         println!(
             "{:<22} {:>14.2} {:>14.2} {:>14.2} {:>14.2} {:>8.2}x",
             names[i], ours[i], best[i], crtc_f[i], pos_f[i], ratio
@@ -424,10 +513,19 @@ fn main() {
     json.insert("disagreements".into(), disagree.into());
     json.insert(
         "command".into(),
-        std::env::var("KVMESH_BENCH_COMMAND").unwrap_or_else(|_| "cargo bench --bench index".into()).into(),
+        std::env::var("KVMESH_BENCH_COMMAND")
+            .unwrap_or_else(|_| "cargo bench --bench index".into())
+            .into(),
     );
     json.insert("machine".into(), machine().into());
     std::fs::create_dir_all("target/bench").ok();
-    std::fs::write("target/bench/index.json", serde_json::to_string_pretty(&json).expect("json")).expect("write");
-    eprintln!("[index] wrote target/bench/index.json in {:.1}s", t0.elapsed().as_secs_f64());
+    std::fs::write(
+        "target/bench/index.json",
+        serde_json::to_string_pretty(&json).expect("json"),
+    )
+    .expect("write");
+    eprintln!(
+        "[index] wrote target/bench/index.json in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }

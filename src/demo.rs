@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor};
 use kvindex::publish::{EventPublisher, PublisherConfig};
-use kvindex::trace::{default_engine_hash, engine_hashes, load_trace, prompt_tokens, LruEngine, TraceRequest};
+use kvindex::trace::{
+    default_engine_hash, engine_hashes, load_trace, prompt_tokens, LruEngine, TraceRequest,
+};
 use kvindex::{EngineId, Index, IndexConfig, Namespace, Query, QueryBlocks, Tier};
 
 use crate::DemoArgs;
@@ -32,7 +34,11 @@ struct Tally {
 
 impl Tally {
     fn new(n: usize) -> Self {
-        Tally { requests: vec![0; n], hit_blocks: vec![0; n], prompt_blocks: vec![0; n] }
+        Tally {
+            requests: vec![0; n],
+            hit_blocks: vec![0; n],
+            prompt_blocks: vec![0; n],
+        }
     }
     fn add(&mut self, e: usize, hit: usize, total: usize) {
         self.requests[e] += 1;
@@ -74,8 +80,15 @@ fn progress(label: &str, done: usize, total: usize, tally: &Tally, started: Inst
 }
 
 /// Runs a trace on fresh engines with a routing function that needs no index.
-fn baseline(name: &str, a: &DemoArgs, prepared: &[Prepared], mut route: impl FnMut(usize) -> usize) -> Tally {
-    let mut engines: Vec<LruEngine> = (0..a.engines).map(|_| LruEngine::new(a.capacity, a.block_size)).collect();
+fn baseline(
+    name: &str,
+    a: &DemoArgs,
+    prepared: &[Prepared],
+    mut route: impl FnMut(usize) -> usize,
+) -> Tally {
+    let mut engines: Vec<LruEngine> = (0..a.engines)
+        .map(|_| LruEngine::new(a.capacity, a.block_size))
+        .collect();
     let mut tally = Tally::new(a.engines);
     let started = Instant::now();
     for (i, p) in prepared.iter().enumerate() {
@@ -96,10 +109,17 @@ fn choose(scores: &HashMap<EngineId, u32>, ids: &[EngineId], load: &[u64]) -> us
     // Prefix affinity wins unless an engine carries 50% more than its share.
     let limit = (total as f64 / ids.len() as f64) * 1.5 + 8.0;
     let mut order: Vec<usize> = (0..ids.len()).collect();
-    order.sort_by_key(|&e| (std::cmp::Reverse(scores.get(&ids[e]).copied().unwrap_or(0)), load[e]));
-    order.iter().copied().find(|&e| (load[e] as f64) <= limit).unwrap_or_else(|| {
-        (0..ids.len()).min_by_key(|&e| load[e]).unwrap_or(0)
-    })
+    order.sort_by_key(|&e| {
+        (
+            std::cmp::Reverse(scores.get(&ids[e]).copied().unwrap_or(0)),
+            load[e],
+        )
+    });
+    order
+        .iter()
+        .copied()
+        .find(|&e| (load[e] as f64) <= limit)
+        .unwrap_or_else(|| (0..ids.len()).min_by_key(|&e| load[e]).unwrap_or(0))
 }
 
 pub fn run(a: &DemoArgs) -> Result<()> {
@@ -109,8 +129,12 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     if a.block_size == 0 || 512 % a.block_size != 0 {
         bail!("--block-size must divide 512 (the trace's block of hash ids)");
     }
-    let reqs = load_trace(&a.trace, a.requests)
-        .with_context(|| format!("reading the trace (pass --trace FILE to use another): {}", a.trace.display()))?;
+    let reqs = load_trace(&a.trace, a.requests).with_context(|| {
+        format!(
+            "reading the trace (pass --trace FILE to use another): {}",
+            a.trace.display()
+        )
+    })?;
     if reqs.is_empty() {
         bail!("the trace {} has no requests", a.trace.display());
     }
@@ -156,22 +180,36 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     }
     std::thread::sleep(Duration::from_millis(300));
     let ns = Namespace::model(MODEL);
-    let mut engines: Vec<LruEngine> = (0..a.engines).map(|_| LruEngine::new(a.capacity, a.block_size)).collect();
+    let mut engines: Vec<LruEngine> = (0..a.engines)
+        .map(|_| LruEngine::new(a.capacity, a.block_size))
+        .collect();
     let mut tally = Tally::new(a.engines);
     let mut load = vec![0u64; a.engines];
     let started = Instant::now();
     let mut query_us = Vec::with_capacity(prepared.len());
     for (i, p) in prepared.iter().enumerate() {
         let t = Instant::now();
-        let matches = index.query(&Query { namespace: &ns, blocks: QueryBlocks::Tokens { tokens: &p.tokens, mm: &[] }, engines: None });
+        let matches = index.query(&Query {
+            namespace: &ns,
+            blocks: QueryBlocks::Tokens {
+                tokens: &p.tokens,
+                mm: &[],
+            },
+            engines: None,
+        });
         query_us.push(t.elapsed().as_secs_f64() * 1e6);
-        let scores: HashMap<EngineId, u32> = matches.iter().map(|m| (m.engine, m.matched_blocks)).collect();
+        let scores: HashMap<EngineId, u32> = matches
+            .iter()
+            .map(|m| (m.engine, m.matched_blocks))
+            .collect();
         let e = choose(&scores, &ids, &load);
         load[e] += 1;
         let out = engines[e].serve(&p.tokens, &p.hashes, reqs[i].timestamp as f64 / 1000.0);
         tally.add(e, out.hit_blocks, out.prompt_blocks);
         if !out.batch.events.is_empty() {
-            publishers[e].publish(&out.batch).context("publishing events")?;
+            publishers[e]
+                .publish(&out.batch)
+                .context("publishing events")?;
         }
         if i % 250 == 0 || i + 1 == prepared.len() {
             progress("kvmesh", i + 1, prepared.len(), &tally, started);
@@ -181,7 +219,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     // Let the last events arrive before reading the index's picture.
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
-        let held: u64 = index.engine_stats().iter().map(|s| s.blocks[Tier::Gpu as usize]).sum();
+        let held: u64 = index
+            .engine_stats()
+            .iter()
+            .map(|s| s.blocks[Tier::Gpu as usize])
+            .sum();
         if held as usize == engines.iter().map(LruEngine::len).sum::<usize>() {
             break;
         }
@@ -205,12 +247,24 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     println!("kvmesh routing, per engine");
     println!(
         "{:<10} {:>9} {:>13} {:>13} {:>9} {:>12} {:>12} {:>8} {:>8}",
-        "engine", "requests", "prompt blks", "hit blks", "hit rate", "held (sim)", "held (index)", "cpu", "storage"
+        "engine",
+        "requests",
+        "prompt blks",
+        "hit blks",
+        "hit rate",
+        "held (sim)",
+        "held (index)",
+        "cpu",
+        "storage"
     );
     for (e, id) in ids.iter().enumerate() {
         let s = stats.iter().find(|s| s.id == *id);
         let blocks = s.map(|s| s.blocks).unwrap_or_default();
-        let rate = if tally.prompt_blocks[e] == 0 { 0.0 } else { tally.hit_blocks[e] as f64 / tally.prompt_blocks[e] as f64 };
+        let rate = if tally.prompt_blocks[e] == 0 {
+            0.0
+        } else {
+            tally.hit_blocks[e] as f64 / tally.prompt_blocks[e] as f64
+        };
         println!(
             "{:<10} {:>9} {:>13} {:>13} {:>8.1}% {:>12} {:>12} {:>8} {:>8}",
             format!("engine-{e}"),
@@ -245,9 +299,21 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     );
     println!();
     println!("cluster prefix-cache hit rate (share of prompt blocks served from cache)");
-    println!("{:<14} {:>9} {:>16}", "routing", "hit rate", "vs round-robin");
-    for (name, t) in [("kvmesh", &tally), ("round-robin", &rr), ("random", &random)] {
-        println!("{:<14} {:>8.1}% {:>15.2}x", name, 100.0 * t.rate(), t.rate() / rr.rate().max(1e-12));
+    println!(
+        "{:<14} {:>9} {:>16}",
+        "routing", "hit rate", "vs round-robin"
+    );
+    for (name, t) in [
+        ("kvmesh", &tally),
+        ("round-robin", &rr),
+        ("random", &random),
+    ] {
+        println!(
+            "{:<14} {:>8.1}% {:>15.2}x",
+            name,
+            100.0 * t.rate(),
+            t.rate() / rr.rate().max(1e-12)
+        );
     }
     Ok(())
 }

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 mod demo;
 
 #[derive(Parser)]
-#[command(name = "kvmesh", version, about = "KV-cache infrastructure for distributed LLM inference")]
+#[command(
+    name = "kvmesh",
+    version,
+    about = "KV-cache infrastructure for distributed LLM inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,7 +30,10 @@ enum Command {
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
     /// Trace in the Mooncake JSONL format.
-    #[arg(long, default_value = "../shared/data/mooncake/conversation_trace.jsonl")]
+    #[arg(
+        long,
+        default_value = "../shared/data/mooncake/conversation_trace.jsonl"
+    )]
     pub trace: PathBuf,
     /// Simulated engines.
     #[arg(long, default_value_t = 8)]
@@ -47,7 +54,9 @@ pub struct DemoArgs {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {

@@ -20,7 +20,12 @@ const MODEL: &str = "tiny";
 /// Waits until the ingestor has applied everything the engines published: no new batch for a
 /// while.
 fn settle(ing: &Ingestor) {
-    let total = || ing.status().iter().map(|s| s.batches + s.lost_batches).sum::<u64>();
+    let total = || {
+        ing.status()
+            .iter()
+            .map(|s| s.batches + s.lost_batches)
+            .sum::<u64>()
+    };
     let mut last = total();
     let mut stable_since = Instant::now();
     let start = Instant::now();
@@ -33,14 +38,27 @@ fn settle(ing: &Ingestor) {
         } else if stable_since.elapsed() >= Duration::from_millis(150) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "events never settled");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "events never settled"
+        );
     }
 }
 
 fn predicted(index: &Index, id: EngineId, prompt: &[u32]) -> u64 {
     let ns = Namespace::model(MODEL);
-    let q = Query { namespace: &ns, blocks: QueryBlocks::Tokens { tokens: prompt, mm: &[] }, engines: Some(&[id]) };
-    let matched = index.query(&q).first().map_or(0, |m| u64::from(m.matched_tokens));
+    let q = Query {
+        namespace: &ns,
+        blocks: QueryBlocks::Tokens {
+            tokens: prompt,
+            mm: &[],
+        },
+        engines: Some(&[id]),
+    };
+    let matched = index
+        .query(&q)
+        .first()
+        .map_or(0, |m| u64::from(m.matched_tokens));
     // vLLM always computes the last prompt token, so a full hit stops one block short.
     let cap = ((prompt.len() as u64 - 1) / BLOCK as u64) * BLOCK as u64;
     matched.min(cap)
@@ -75,7 +93,9 @@ fn index_predicts_vllm_prefix_hits() {
 
     // Prompts share prefixes: a few documents, cut at random lengths, plus a random tail.
     let mut rng = StdRng::seed_from_u64(7);
-    let docs: Vec<Vec<u32>> = (0..8).map(|_| (0..700).map(|_| rng.random_range(5..4000)).collect()).collect();
+    let docs: Vec<Vec<u32>> = (0..8)
+        .map(|_| (0..700).map(|_| rng.random_range(5..4000)).collect())
+        .collect();
     let requests = 300;
     let (mut mismatches, mut hits, mut checked) = (Vec::new(), 0u64, 0);
     for i in 0..requests {
@@ -97,7 +117,11 @@ fn index_predicts_vllm_prefix_hits() {
         checked += 1;
         hits += got;
         if want != got {
-            mismatches.push(format!("request {i} to {}: {} tokens, index predicted {want}, vLLM cached {got}", engine.name, prompt.len()));
+            mismatches.push(format!(
+                "request {i} to {}: {} tokens, index predicted {want}, vLLM cached {got}",
+                engine.name,
+                prompt.len()
+            ));
         }
     }
     settle(&ing);
@@ -106,7 +130,12 @@ fn index_predicts_vllm_prefix_hits() {
     let s2 = status.iter().find(|s| s.name == "e2").expect("e2 status");
     let stats = index.stats();
     eprintln!("checked {checked} requests, {hits} cached tokens in all; index {stats:?}; e1 {s1:?}; e2 {s2:?}");
-    assert!(mismatches.is_empty(), "{} mismatches:\n{}", mismatches.len(), mismatches.join("\n"));
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
     assert!(checked >= 200);
     assert!(hits > 0, "the workload must produce prefix hits");
     assert!(stats.blocks_removed > 0, "the small engine must evict");

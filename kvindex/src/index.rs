@@ -381,7 +381,10 @@ impl Index {
             scratch: Vec::new(),
             evict_hand: 0,
             ops: 0,
-            stats: IndexStats { byte_budget: config.byte_budget, ..IndexStats::default() },
+            stats: IndexStats {
+                byte_budget: config.byte_budget,
+                ..IndexStats::default()
+            },
         };
         Index {
             inner: Arc::new(Inner {
@@ -434,19 +437,36 @@ impl Index {
 
     /// Looks an engine up by its spec.
     pub fn engine_id(&self, spec: &EngineSpec) -> Option<EngineId> {
-        self.inner.writer.lock().by_spec.get(spec).map(|&i| EngineId(i))
+        self.inner
+            .writer
+            .lock()
+            .by_spec
+            .get(spec)
+            .map(|&i| EngineId(i))
     }
 
     /// Looks an engine up by its display name.
     pub fn engine_by_name(&self, name: &str) -> Option<EngineId> {
-        self.inner.engines.load().iter().enumerate().find_map(|(i, e)| {
-            e.as_ref().filter(|e| &*e.name == name).map(|_| EngineId(i as u32))
-        })
+        self.inner
+            .engines
+            .load()
+            .iter()
+            .enumerate()
+            .find_map(|(i, e)| {
+                e.as_ref()
+                    .filter(|e| &*e.name == name)
+                    .map(|_| EngineId(i as u32))
+            })
     }
 
     /// What readers know of an engine.
     pub fn engine(&self, id: EngineId) -> Option<Arc<EngineInfo>> {
-        self.inner.engines.load().get(id.0 as usize).cloned().flatten()
+        self.inner
+            .engines
+            .load()
+            .get(id.0 as usize)
+            .cloned()
+            .flatten()
     }
 
     /// All registered engines.
@@ -463,7 +483,9 @@ impl Index {
     /// Removes an engine and purges every block it held.
     pub fn remove_engine(&self, id: EngineId) -> Result<()> {
         let mut w = self.inner.writer.lock();
-        let info = self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        let info = self
+            .engine(id)
+            .ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
         w.purge(id.0);
         w.by_spec.remove(&info.spec);
         w.stats.engines = w.by_spec.len();
@@ -475,20 +497,25 @@ impl Index {
 
     /// Forgets every block of one engine (as for `AllBlocksCleared`, or an engine restart).
     pub fn clear_engine(&self, id: EngineId) -> Result<()> {
-        self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        self.engine(id)
+            .ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
         self.inner.writer.lock().purge(id.0);
         Ok(())
     }
 
     /// Applies one batch of events published by engine `id`.
     pub fn apply(&self, id: EngineId, batch: &EventBatch) -> Result<ApplyReport> {
-        let info = self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        let info = self
+            .engine(id)
+            .ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
         let mut w = self.inner.writer.lock();
         let mut report = ApplyReport::default();
         for ev in &batch.events {
             w.stats.events += 1;
             match ev {
-                KvEvent::BlockStored(s) => w.apply_stored(&self.inner, id.0, &info, s, false, &mut report),
+                KvEvent::BlockStored(s) => {
+                    w.apply_stored(&self.inner, id.0, &info, s, false, &mut report)
+                }
                 KvEvent::BlockRemoved(r) => w.apply_removed(id.0, r, &mut report),
                 KvEvent::AllBlocksCleared => {
                     w.purge(id.0);
@@ -511,7 +538,9 @@ impl Index {
         ancestors: &[BlockStored],
         orphan: &BlockStored,
     ) -> Result<bool> {
-        let info = self.engine(id).ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
+        let info = self
+            .engine(id)
+            .ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
         let mut w = self.inner.writer.lock();
         let mut report = ApplyReport::default();
         for a in ancestors {
@@ -594,7 +623,9 @@ impl Index {
                 for (i, e) in engines.iter().enumerate() {
                     walk.allowed[i] = e.is_some() && allowed(i);
                 }
-                walk_chain(&blocks, &mut walk, weights, stamp, keys.len(), |i| Some(keys[i].0));
+                walk_chain(&blocks, &mut walk, weights, stamp, keys.len(), |i| {
+                    Some(keys[i].0)
+                });
             }
             QueryBlocks::VllmHashes(hashes) => {
                 for (i, e) in engines.iter().enumerate() {
@@ -622,7 +653,11 @@ impl Index {
                 score: walk.score[i],
             });
         }
-        out.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.name.cmp(&b.name)));
+        out.sort_by(|a, b| {
+            b.score
+                .total_cmp(&a.score)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         out
     }
 
@@ -640,7 +675,11 @@ impl Index {
             for lane in 0..LANES {
                 let nib = (v >> (lane * 4)) & 0xf;
                 if nib != 0 {
-                    let tiers = Tier::ALL.iter().copied().filter(|t| nib & (1 << *t as u32) != 0).collect();
+                    let tiers = Tier::ALL
+                        .iter()
+                        .copied()
+                        .filter(|t| nib & (1 << *t as u32) != 0)
+                        .collect();
                     out.push((EngineId(g * LANES + lane), tiers));
                 }
             }
@@ -659,7 +698,11 @@ impl Index {
         s.block_slots = w.blocks_occ.live;
         s.aliases = w.aliases_occ.live;
         s.bytes = w.bytes();
-        s.bytes_per_block = if w.distinct == 0 { 0.0 } else { s.bytes as f64 / w.distinct as f64 };
+        s.bytes_per_block = if w.distinct == 0 {
+            0.0
+        } else {
+            s.bytes as f64 / w.distinct as f64
+        };
         s.queries = self.inner.queries.load(Ordering::Relaxed);
         s
     }
@@ -743,7 +786,11 @@ fn walk_chain(
     let mut base = 0;
     let mut got = fill(&mut cur, 0);
     while got > 0 {
-        let next_got = if got == GROUP { fill(&mut nxt, base + GROUP) } else { 0 };
+        let next_got = if got == GROUP {
+            fill(&mut nxt, base + GROUP)
+        } else {
+            0
+        };
         if next_got > 0 {
             let start = blocks.group_start(nxt[0]);
             blocks.prefetch_slot(start);
@@ -822,7 +869,10 @@ struct ParsedExtras {
 }
 
 fn parse_extras(keys: Option<&Vec<ExtraKey>>, lora_name: Option<&str>) -> ParsedExtras {
-    let mut out = ParsedExtras { salt: None, extras: BlockExtras::default() };
+    let mut out = ParsedExtras {
+        salt: None,
+        extras: BlockExtras::default(),
+    };
     let Some(keys) = keys else { return out };
     let mut lora_skipped = lora_name.is_none();
     for k in keys {
@@ -834,7 +884,9 @@ fn parse_extras(keys: Option<&Vec<ExtraKey>>, lora_name: Option<&str>) -> Parsed
                     out.salt = Some(s.clone());
                 }
             }
-            ExtraKey::Mm { identifier, offset } => out.extras.mm.push((identifier.clone(), *offset)),
+            ExtraKey::Mm { identifier, offset } => {
+                out.extras.mm.push((identifier.clone(), *offset))
+            }
             ExtraKey::Bytes(b) => out.extras.prompt_embeds = Some(b.clone()),
             ExtraKey::Int(_) | ExtraKey::Other(_) => {}
         }
@@ -856,16 +908,28 @@ pub(crate) fn event_keys(
     if bs == 0 {
         return;
     }
-    let extras_of =
-        |i: usize| ev.extra_keys.as_ref().and_then(|x| x.get(i)).and_then(|x| x.as_ref());
+    let extras_of = |i: usize| {
+        ev.extra_keys
+            .as_ref()
+            .and_then(|x| x.get(i))
+            .and_then(|x| x.as_ref())
+    };
     let (mut prev, first_pos) = match parent {
         Some(k) => (k, BlockKey(k).group_pos() + 1),
         None => {
             let first = parse_extras(extras_of(0), ev.lora_name.as_deref());
-            (root_seed(model, ev.lora_name.as_deref(), first.salt.as_deref()), 0)
+            (
+                root_seed(model, ev.lora_name.as_deref(), first.salt.as_deref()),
+                0,
+            )
         }
     };
-    for (i, toks) in ev.token_ids.chunks_exact(bs).enumerate().take(ev.block_hashes.len()) {
+    for (i, toks) in ev
+        .token_ids
+        .chunks_exact(bs)
+        .enumerate()
+        .take(ev.block_hashes.len())
+    {
         let pos = first_pos + i;
         let key = match extras_of(i) {
             None => hasher.next(prev, pos, toks),
@@ -1041,11 +1105,23 @@ impl Writer {
 
     /// Marks (key, engine, tier) held. `restore` re-marks without counting a new announcement.
     #[allow(clippy::too_many_arguments)]
-    fn add(&mut self, inner: &Inner, key: u64, e: u32, tier: Tier, depth: u32, stamp: u16, restore: bool) {
+    fn add(
+        &mut self,
+        inner: &Inner,
+        key: u64,
+        e: u32,
+        tier: Tier,
+        depth: u32,
+        stamp: u16,
+        restore: bool,
+    ) {
         let (g, lane) = (e / LANES, e % LANES);
         let bit = tier_bit(lane, tier);
         let mut key_seen = false;
-        match self.blocks.find_or_vacancy(key, &mut key_seen, |v| v_group(v) == g) {
+        match self
+            .blocks
+            .find_or_vacancy(key, &mut key_seen, |v| v_group(v) == g)
+        {
             Ok(idx) => {
                 let v = self.blocks.val(idx);
                 if v & bit != 0 {
@@ -1094,7 +1170,9 @@ impl Writer {
         }
         let (g, lane) = (e / LANES, e % LANES);
         let bit = tier_bit(lane, tier);
-        let Some(idx) = self.blocks.find(key, |v| v_group(v) == g) else { return false };
+        let Some(idx) = self.blocks.find(key, |v| v_group(v) == g) else {
+            return false;
+        };
         let v = self.blocks.val(idx);
         if v & bit == 0 {
             return false;
@@ -1265,7 +1343,11 @@ mod tests {
     use super::*;
 
     fn spec(pod: &str) -> EngineSpec {
-        EngineSpec { pod: pod.into(), dp_rank: 0, model: "m".into() }
+        EngineSpec {
+            pod: pod.into(),
+            dp_rank: 0,
+            model: "m".into(),
+        }
     }
 
     fn stored(hashes: &[u64], parent: Option<u64>, tokens: Vec<u32>, bs: u32) -> KvEvent {
@@ -1288,11 +1370,19 @@ mod tests {
     }
 
     fn batch(events: Vec<KvEvent>) -> EventBatch {
-        EventBatch { ts: 0.0, events, data_parallel_rank: Some(0) }
+        EventBatch {
+            ts: 0.0,
+            events,
+            data_parallel_rank: Some(0),
+        }
     }
 
     fn q_tokens<'a>(ns: &'a Namespace, tokens: &'a [u32]) -> Query<'a> {
-        Query { namespace: ns, blocks: QueryBlocks::Tokens { tokens, mm: &[] }, engines: None }
+        Query {
+            namespace: ns,
+            blocks: QueryBlocks::Tokens { tokens, mm: &[] },
+            engines: None,
+        }
     }
 
     #[test]
@@ -1301,26 +1391,52 @@ mod tests {
         let a = idx.add_engine(spec("a")).unwrap();
         let b = idx.add_engine(spec("b")).unwrap();
         let toks: Vec<u32> = (0..64).collect();
-        idx.apply(a, &batch(vec![stored(&[10, 11], None, toks[..32].to_vec(), 16)])).unwrap();
-        idx.apply(a, &batch(vec![stored(&[12, 13], Some(11), toks[32..].to_vec(), 16)])).unwrap();
-        idx.apply(b, &batch(vec![stored(&[10], None, toks[..16].to_vec(), 16)])).unwrap();
+        idx.apply(
+            a,
+            &batch(vec![stored(&[10, 11], None, toks[..32].to_vec(), 16)]),
+        )
+        .unwrap();
+        idx.apply(
+            a,
+            &batch(vec![stored(&[12, 13], Some(11), toks[32..].to_vec(), 16)]),
+        )
+        .unwrap();
+        idx.apply(
+            b,
+            &batch(vec![stored(&[10], None, toks[..16].to_vec(), 16)]),
+        )
+        .unwrap();
         let ns = Namespace::model("m");
         let r = idx.query(&q_tokens(&ns, &toks));
         assert_eq!(r.len(), 2);
-        assert_eq!((&*r[0].name, r[0].matched_blocks, r[0].matched_tokens), ("a", 4, 64));
+        assert_eq!(
+            (&*r[0].name, r[0].matched_blocks, r[0].matched_tokens),
+            ("a", 4, 64)
+        );
         assert_eq!((&*r[1].name, r[1].matched_blocks), ("b", 1));
         // Removing block 1 of a cuts its consecutive prefix to 1.
-        idx.apply(a, &batch(vec![removed(11, Medium::Gpu)])).unwrap();
+        idx.apply(a, &batch(vec![removed(11, Medium::Gpu)]))
+            .unwrap();
         let r = idx.query(&q_tokens(&ns, &toks));
         assert!(r.iter().all(|m| m.matched_blocks == 1));
         // Another model's namespace sees nothing.
-        assert!(idx.query(&q_tokens(&Namespace::model("other"), &toks)).is_empty());
+        assert!(idx
+            .query(&q_tokens(&Namespace::model("other"), &toks))
+            .is_empty());
         // By vLLM hash and by key.
         let keys = KeyHasher::new().chain(&ns, &toks, 16);
-        let by_key = idx.query(&Query { namespace: &ns, blocks: QueryBlocks::Keys(&keys), engines: None });
+        let by_key = idx.query(&Query {
+            namespace: &ns,
+            blocks: QueryBlocks::Keys(&keys),
+            engines: None,
+        });
         assert_eq!(by_key.len(), 2);
         let hashes = [EngineHash(10), EngineHash(11)];
-        let by_hash = idx.query(&Query { namespace: &ns, blocks: QueryBlocks::VllmHashes(&hashes), engines: Some(&[a]) });
+        let by_hash = idx.query(&Query {
+            namespace: &ns,
+            blocks: QueryBlocks::VllmHashes(&hashes),
+            engines: Some(&[a]),
+        });
         assert_eq!(by_hash.len(), 1);
         assert_eq!(by_hash[0].matched_blocks, 1);
         let s = idx.stats();
@@ -1333,8 +1449,10 @@ mod tests {
         let idx = Index::default();
         let a = idx.add_engine(spec("a")).unwrap();
         let toks: Vec<u32> = (100..116).collect();
-        idx.apply(a, &batch(vec![stored(&[7], None, toks.clone(), 16)])).unwrap();
-        idx.apply(a, &batch(vec![stored(&[7], None, toks.clone(), 16)])).unwrap();
+        idx.apply(a, &batch(vec![stored(&[7], None, toks.clone(), 16)]))
+            .unwrap();
+        idx.apply(a, &batch(vec![stored(&[7], None, toks.clone(), 16)]))
+            .unwrap();
         // A tokenless CPU placeholder resolves through the engine hash.
         let placeholder = KvEvent::BlockStored(BlockStored {
             block_hashes: vec![EngineHash(7)],
@@ -1353,7 +1471,8 @@ mod tests {
         let r = idx.query(&q_tokens(&ns, &toks));
         assert_eq!(r[0].tiers, [0, 1, 0, 0]);
         assert!((r[0].score - 0.8).abs() < 1e-9);
-        idx.apply(a, &batch(vec![KvEvent::AllBlocksCleared])).unwrap();
+        idx.apply(a, &batch(vec![KvEvent::AllBlocksCleared]))
+            .unwrap();
         assert!(idx.query(&q_tokens(&ns, &toks)).is_empty());
         assert_eq!(idx.stats().memberships, 0);
     }
@@ -1362,7 +1481,12 @@ mod tests {
     fn orphans_are_reported_not_dropped() {
         let idx = Index::default();
         let a = idx.add_engine(spec("a")).unwrap();
-        let rep = idx.apply(a, &batch(vec![stored(&[2], Some(99), (0..16).collect(), 16)])).unwrap();
+        let rep = idx
+            .apply(
+                a,
+                &batch(vec![stored(&[2], Some(99), (0..16).collect(), 16)]),
+            )
+            .unwrap();
         assert_eq!(rep.orphans.len(), 1);
         assert_eq!(idx.stats().orphans, 1);
         // With the ancestry recovered, the orphan applies.
@@ -1370,7 +1494,9 @@ mod tests {
             KvEvent::BlockStored(s) => s,
             _ => unreachable!(),
         };
-        assert!(idx.apply_stored_with_ancestry(a, &[anc], &rep.orphans[0]).unwrap());
+        assert!(idx
+            .apply_stored_with_ancestry(a, &[anc], &rep.orphans[0])
+            .unwrap());
         let toks: Vec<u32> = (50..66).chain(0..16).collect();
         let ns = Namespace::model("m");
         assert_eq!(idx.query(&q_tokens(&ns, &toks))[0].matched_blocks, 2);
@@ -1388,7 +1514,10 @@ mod tests {
             block_size: 16,
             lora_name: Some("ad".into()),
             extra_keys: Some(vec![
-                Some(vec![ExtraKey::Str("ad".into()), ExtraKey::Str("tenant".into())]),
+                Some(vec![
+                    ExtraKey::Str("ad".into()),
+                    ExtraKey::Str("tenant".into()),
+                ]),
                 Some(vec![ExtraKey::Str("ad".into())]),
             ]),
             ..Default::default()
@@ -1396,9 +1525,16 @@ mod tests {
         idx.apply(a, &batch(vec![ev])).unwrap();
         let plain = Namespace::model("m");
         assert!(idx.query(&q_tokens(&plain, &toks)).is_empty());
-        let lora_only = Namespace { lora_name: Some("ad".into()), ..Namespace::model("m") };
+        let lora_only = Namespace {
+            lora_name: Some("ad".into()),
+            ..Namespace::model("m")
+        };
         assert!(idx.query(&q_tokens(&lora_only, &toks)).is_empty());
-        let full = Namespace { lora_name: Some("ad".into()), cache_salt: Some("tenant".into()), ..Namespace::model("m") };
+        let full = Namespace {
+            lora_name: Some("ad".into()),
+            cache_salt: Some("tenant".into()),
+            ..Namespace::model("m")
+        };
         assert_eq!(idx.query(&q_tokens(&full, &toks))[0].matched_blocks, 2);
     }
 
@@ -1406,10 +1542,21 @@ mod tests {
     fn many_engines_and_engine_removal() {
         let idx = Index::default();
         let toks: Vec<u32> = (0..32).collect();
-        let ids: Vec<EngineId> = (0..40).map(|i| idx.add_engine(spec(&format!("e{i}"))).unwrap()).collect();
+        let ids: Vec<EngineId> = (0..40)
+            .map(|i| idx.add_engine(spec(&format!("e{i}"))).unwrap())
+            .collect();
         for (i, &id) in ids.iter().enumerate() {
             let n = 1 + i % 2;
-            idx.apply(id, &batch(vec![stored(&[1, 2][..n], None, toks[..16 * n].to_vec(), 16)])).unwrap();
+            idx.apply(
+                id,
+                &batch(vec![stored(
+                    &[1, 2][..n],
+                    None,
+                    toks[..16 * n].to_vec(),
+                    16,
+                )]),
+            )
+            .unwrap();
         }
         let ns = Namespace::model("m");
         let r = idx.query(&q_tokens(&ns, &toks));
@@ -1423,13 +1570,18 @@ mod tests {
 
     #[test]
     fn byte_budget_is_respected_by_evicting() {
-        let cfg = IndexConfig { byte_budget: 64 * 1024, initial_slots: 64, ..Default::default() };
+        let cfg = IndexConfig {
+            byte_budget: 64 * 1024,
+            initial_slots: 64,
+            ..Default::default()
+        };
         let idx = Index::new(cfg);
         let a = idx.add_engine(spec("a")).unwrap();
         let mut parent = None;
         for i in 0..20_000u64 {
             let toks: Vec<u32> = (0..16).map(|t| (i * 16 + t) as u32).collect();
-            idx.apply(a, &batch(vec![stored(&[i + 100], parent, toks, 16)])).unwrap();
+            idx.apply(a, &batch(vec![stored(&[i + 100], parent, toks, 16)]))
+                .unwrap();
             parent = Some(i + 100);
         }
         let s = idx.stats();

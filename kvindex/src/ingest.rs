@@ -113,6 +113,9 @@ pub struct StreamStatus {
     pub last_error: Option<String>,
 }
 
+/// A stream within one endpoint: its topic and data-parallel rank.
+type StreamKey = (Vec<u8>, u32);
+
 /// Replayed batches: `(seq, payload)`, in order.
 pub type Replayed = Vec<(u64, Vec<u8>)>;
 
@@ -131,7 +134,12 @@ pub struct StreamTracker {
 
 impl StreamTracker {
     /// A tracker applying to `engine` of `backend`.
-    pub fn new(backend: Arc<dyn IndexBackend>, engine: EngineId, name: String, cfg: &IngestConfig) -> Self {
+    pub fn new(
+        backend: Arc<dyn IndexBackend>,
+        engine: EngineId,
+        name: String,
+        cfg: &IngestConfig,
+    ) -> Self {
         StreamTracker {
             backend,
             engine,
@@ -139,7 +147,11 @@ impl StreamTracker {
             dropped: false,
             last_orphan_replay: None,
             orphan_interval: cfg.orphan_replay_interval,
-            status: StreamStatus { engine: Some(engine), name, ..StreamStatus::default() },
+            status: StreamStatus {
+                engine: Some(engine),
+                name,
+                ..StreamStatus::default()
+            },
         }
     }
 
@@ -209,7 +221,10 @@ impl StreamTracker {
                 if seq > next {
                     self.status.lost_batches += seq - next;
                 }
-                if self.apply_decoded(seq, decode_batch(&payload), &mut |_| None).is_ok() {
+                if self
+                    .apply_decoded(seq, decode_batch(&payload), &mut |_| None)
+                    .is_ok()
+                {
                     self.status.replayed_batches += 1;
                 }
                 next = seq + 1;
@@ -240,7 +255,10 @@ impl StreamTracker {
         self.status.events += batch.events.len() as u64;
         self.status.last_seq = Some(seq);
         self.status.last_ts = batch.ts;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         self.status.lag_s = (now - batch.ts).max(0.0);
         if !report.orphans.is_empty() {
             self.status.orphans += report.orphans.len() as u64;
@@ -255,7 +273,9 @@ impl StreamTracker {
         orphans: &[BlockStored],
         replay: &mut dyn FnMut(u64) -> Option<Replayed>,
     ) -> Result<()> {
-        let allowed = self.last_orphan_replay.is_none_or(|t| t.elapsed() >= self.orphan_interval);
+        let allowed = self
+            .last_orphan_replay
+            .is_none_or(|t| t.elapsed() >= self.orphan_interval);
         let buffered = if allowed {
             self.last_orphan_replay = Some(Instant::now());
             self.status.replays += 1;
@@ -270,7 +290,9 @@ impl StreamTracker {
         // Every Stored event of the buffer, by the hashes it announces (latest wins).
         let mut by_hash: HashMap<EngineHash, (Arc<BlockStored>, usize)> = HashMap::new();
         for (_, payload) in &buffered {
-            let Ok(batch) = decode_batch(payload) else { continue };
+            let Ok(batch) = decode_batch(payload) else {
+                continue;
+            };
             for ev in batch.events {
                 if let KvEvent::BlockStored(s) = ev {
                     if s.token_ids.is_empty() || s.group_idx.unwrap_or(0) != 0 {
@@ -288,7 +310,9 @@ impl StreamTracker {
             let mut ancestors: Vec<BlockStored> = Vec::new();
             let mut cur = orphan.parent_block_hash;
             while let Some(h) = cur {
-                let Some((ev, j)) = by_hash.get(&h) else { break };
+                let Some((ev, j)) = by_hash.get(&h) else {
+                    break;
+                };
                 if ancestors.len() > 100_000 {
                     break;
                 }
@@ -297,7 +321,10 @@ impl StreamTracker {
                 ancestors.push(prefix);
             }
             ancestors.reverse();
-            if self.backend.apply_stored_with_ancestry(self.engine, &ancestors, orphan)? {
+            if self
+                .backend
+                .apply_stored_with_ancestry(self.engine, &ancestors, orphan)?
+            {
                 self.status.orphans_recovered += 1;
             } else {
                 unrecovered += 1;
@@ -358,7 +385,9 @@ impl Replayer {
             let ready = if left.is_zero() {
                 0
             } else {
-                self.socket.poll(zmq::POLLIN, left.as_millis().max(1) as i64).ok()?
+                self.socket
+                    .poll(zmq::POLLIN, left.as_millis().max(1) as i64)
+                    .ok()?
             };
             if ready == 0 {
                 return if out.is_empty() { None } else { Some(out) };
@@ -386,7 +415,7 @@ struct Running {
     endpoint: EngineEndpoint,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    streams: Arc<Mutex<HashMap<(Vec<u8>, u32), StreamStatus>>>,
+    streams: Arc<Mutex<HashMap<StreamKey, StreamStatus>>>,
     engines: Arc<Mutex<Vec<EngineId>>>,
 }
 
@@ -401,22 +430,36 @@ pub struct Ingestor {
 impl Ingestor {
     /// An ingestor feeding `backend`.
     pub fn new(backend: Arc<dyn IndexBackend>, config: IngestConfig) -> Self {
-        Ingestor { backend, config, ctx: zmq::Context::new(), running: Mutex::new(HashMap::new()) }
+        Ingestor {
+            backend,
+            config,
+            ctx: zmq::Context::new(),
+            running: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Starts subscribing to an engine. Returns its index id (for its configured rank).
     /// Adding an endpoint twice under one pod name is an error.
     pub fn add(&self, ep: EngineEndpoint) -> Result<EngineId> {
-        let spec = EngineSpec { pod: ep.pod.clone(), dp_rank: ep.dp_rank, model: ep.model.clone() };
+        let spec = EngineSpec {
+            pod: ep.pod.clone(),
+            dp_rank: ep.dp_rank,
+            model: ep.model.clone(),
+        };
         let key = spec.name();
         let mut running = self.running.lock();
         if running.contains_key(&key) {
-            return Err(IndexError::InvalidArgument(format!("engine {key} is already subscribed")));
+            return Err(IndexError::InvalidArgument(format!(
+                "engine {key} is already subscribed"
+            )));
         }
         let id = self.backend.add_engine(spec)?;
         let sub = self.ctx.socket(zmq::SUB).map_err(zmq_err)?;
         sub.set_linger(0).map_err(zmq_err)?;
-        let monitor_addr = format!("inproc://kvindex-monitor-{}", MONITOR_ID.fetch_add(1, Ordering::Relaxed));
+        let monitor_addr = format!(
+            "inproc://kvindex-monitor-{}",
+            MONITOR_ID.fetch_add(1, Ordering::Relaxed)
+        );
         sub.monitor(
             &monitor_addr,
             zmq::SocketEvent::CONNECTED as i32 | zmq::SocketEvent::DISCONNECTED as i32,
@@ -454,7 +497,16 @@ impl Ingestor {
             .name(format!("kvindex-sub-{key}"))
             .spawn(move || worker.run())
             .map_err(|e| IndexError::Zmq(format!("spawn: {e}")))?;
-        running.insert(key, Running { endpoint: ep, stop, thread: Some(thread), streams, engines });
+        running.insert(
+            key,
+            Running {
+                endpoint: ep,
+                stop,
+                thread: Some(thread),
+                streams,
+                engines,
+            },
+        );
         Ok(id)
     }
 
@@ -477,7 +529,11 @@ impl Ingestor {
 
     /// The subscribed endpoints.
     pub fn endpoints(&self) -> Vec<EngineEndpoint> {
-        self.running.lock().values().map(|r| r.endpoint.clone()).collect()
+        self.running
+            .lock()
+            .values()
+            .map(|r| r.endpoint.clone())
+            .collect()
     }
 
     /// Status of every stream.
@@ -487,7 +543,12 @@ impl Ingestor {
             out.extend(r.streams.lock().values().cloned());
             if r.streams.lock().is_empty() {
                 out.push(StreamStatus {
-                    name: EngineSpec { pod: r.endpoint.pod.clone(), dp_rank: r.endpoint.dp_rank, model: String::new() }.name(),
+                    name: EngineSpec {
+                        pod: r.endpoint.pod.clone(),
+                        dp_rank: r.endpoint.dp_rank,
+                        model: String::new(),
+                    }
+                    .name(),
                     ..StreamStatus::default()
                 });
             }
@@ -517,7 +578,7 @@ struct Worker {
     monitor: zmq::Socket,
     replayer: Option<Replayer>,
     stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<HashMap<(Vec<u8>, u32), StreamStatus>>>,
+    streams: Arc<Mutex<HashMap<StreamKey, StreamStatus>>>,
     engines: Arc<Mutex<Vec<EngineId>>>,
     base: EngineId,
 }
@@ -526,9 +587,12 @@ static MONITOR_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 
 impl Worker {
     fn run(self) {
-        let mut trackers: HashMap<(Vec<u8>, u32), StreamTracker> = HashMap::new();
+        let mut trackers: HashMap<StreamKey, StreamTracker> = HashMap::new();
         while !self.stop.load(Ordering::Relaxed) {
-            let mut items = [self.sub.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
+            let mut items = [
+                self.sub.as_poll_item(zmq::POLLIN),
+                self.monitor.as_poll_item(zmq::POLLIN),
+            ];
             match zmq::poll(&mut items, 100) {
                 Ok(0) => continue,
                 Ok(_) => {}
@@ -576,7 +640,9 @@ impl Worker {
                     }
                 }
             }
-            let Some(tracker) = trackers.get_mut(&key) else { continue };
+            let Some(tracker) = trackers.get_mut(&key) else {
+                continue;
+            };
             let replayer = &self.replayer;
             let mut replay = |from: u64| replayer.as_ref().and_then(|r| r.fetch(from));
             if let Err(e) = tracker.on_message(seq, batch, &mut replay) {
@@ -587,9 +653,11 @@ impl Worker {
     }
 
     /// Handles the SUB socket's connection events.
-    fn connection_events(&self, trackers: &mut HashMap<(Vec<u8>, u32), StreamTracker>) {
+    fn connection_events(&self, trackers: &mut HashMap<StreamKey, StreamTracker>) {
         while let Ok(frames) = self.monitor.recv_multipart(zmq::DONTWAIT) {
-            let Some(ev) = frames.first().filter(|f| f.len() >= 2) else { continue };
+            let Some(ev) = frames.first().filter(|f| f.len() >= 2) else {
+                continue;
+            };
             let event = u16::from_le_bytes([ev[0], ev[1]]);
             let connected = event == zmq::SocketEvent::CONNECTED as u16;
             let disconnected = event == zmq::SocketEvent::DISCONNECTED as u16;
@@ -602,14 +670,24 @@ impl Worker {
                 } else if connected {
                     tracker.status.connected = true;
                 }
-                self.streams.lock().insert(key.clone(), tracker.status.clone());
+                self.streams
+                    .lock()
+                    .insert(key.clone(), tracker.status.clone());
             }
         }
     }
 
     fn tracker_for(&self, rank: u32) -> Result<StreamTracker> {
-        let spec = EngineSpec { pod: self.endpoint.pod.clone(), dp_rank: rank, model: self.endpoint.model.clone() };
-        let id = if rank == self.endpoint.dp_rank { self.base } else { self.backend.add_engine(spec.clone())? };
+        let spec = EngineSpec {
+            pod: self.endpoint.pod.clone(),
+            dp_rank: rank,
+            model: self.endpoint.model.clone(),
+        };
+        let id = if rank == self.endpoint.dp_rank {
+            self.base
+        } else {
+            self.backend.add_engine(spec.clone())?
+        };
         let mut engines = self.engines.lock();
         if !engines.contains(&id) {
             engines.push(id);
@@ -619,4 +697,3 @@ impl Worker {
         Ok(t)
     }
 }
-

@@ -37,7 +37,11 @@ impl BlockKey {
     #[inline]
     fn compose(hash: u64, parent: u64, pos: usize) -> Self {
         let p = (pos % GROUP) as u64;
-        let anchor = if p == 0 { hash >> ANCHOR_SHIFT } else { parent >> ANCHOR_SHIFT };
+        let anchor = if p == 0 {
+            hash >> ANCHOR_SHIFT
+        } else {
+            parent >> ANCHOR_SHIFT
+        };
         let raw = (anchor << ANCHOR_SHIFT) | (p << POS_SHIFT) | (hash & ((1 << HASH_BITS) - 1));
         // 0 and 1 mark empty and deleted table slots; remapping two values costs nothing
         // measurable in collisions.
@@ -65,12 +69,20 @@ pub struct Namespace {
 impl Namespace {
     /// A namespace for a base model with no adapter and no salt.
     pub fn model(model: impl Into<String>) -> Self {
-        Namespace { model: model.into(), lora_name: None, cache_salt: None }
+        Namespace {
+            model: model.into(),
+            lora_name: None,
+            cache_salt: None,
+        }
     }
 
     /// The seed of the first block's key.
     pub fn root_seed(&self) -> u64 {
-        root_seed(&self.model, self.lora_name.as_deref(), self.cache_salt.as_deref())
+        root_seed(
+            &self.model,
+            self.lora_name.as_deref(),
+            self.cache_salt.as_deref(),
+        )
     }
 }
 
@@ -214,7 +226,10 @@ pub fn block_extras(items: &[MmItem], block: usize, block_size: usize) -> BlockE
         .filter(|it| it.offset < end && it.offset + it.length > start)
         .map(|it| (it.identifier.clone(), it.offset as i64 - start as i64))
         .collect();
-    BlockExtras { mm, prompt_embeds: None }
+    BlockExtras {
+        mm,
+        prompt_embeds: None,
+    }
 }
 
 #[cfg(test)]
@@ -234,12 +249,18 @@ mod tests {
         // Model, LoRA and salt all change every key.
         let other_model = h.chain(&Namespace::model("m2"), &toks, 16);
         let lora = h.chain(
-            &Namespace { lora_name: Some("l".into()), ..Namespace::model("m") },
+            &Namespace {
+                lora_name: Some("l".into()),
+                ..Namespace::model("m")
+            },
             &toks,
             16,
         );
         let salt = h.chain(
-            &Namespace { cache_salt: Some("t".into()), ..Namespace::model("m") },
+            &Namespace {
+                cache_salt: Some("t".into()),
+                ..Namespace::model("m")
+            },
             &toks,
             16,
         );
@@ -250,7 +271,10 @@ mod tests {
         }
         // A LoRA name is not confused with a salt of the same text.
         let salt_l = h.chain(
-            &Namespace { cache_salt: Some("l".into()), ..Namespace::model("m") },
+            &Namespace {
+                cache_salt: Some("l".into()),
+                ..Namespace::model("m")
+            },
             &toks,
             16,
         );
@@ -266,8 +290,14 @@ mod tests {
         let mut h = KeyHasher::new();
         let toks: Vec<u32> = (0..16).collect();
         let plain = h.next(7, 0, &toks);
-        let e1 = BlockExtras { mm: vec![("img".into(), 3)], prompt_embeds: None };
-        let e2 = BlockExtras { mm: vec![("img".into(), -3)], prompt_embeds: None };
+        let e1 = BlockExtras {
+            mm: vec![("img".into(), 3)],
+            prompt_embeds: None,
+        };
+        let e2 = BlockExtras {
+            mm: vec![("img".into(), -3)],
+            prompt_embeds: None,
+        };
         assert_eq!(plain, h.next_with(7, 0, &toks, &BlockExtras::default()));
         assert_ne!(plain, h.next_with(7, 0, &toks, &e1));
         assert_ne!(h.next_with(7, 0, &toks, &e1), h.next_with(7, 0, &toks, &e2));
@@ -288,7 +318,11 @@ mod tests {
 
     #[test]
     fn mm_items_map_to_overlapping_blocks() {
-        let items = vec![MmItem { identifier: "a".into(), offset: 10, length: 20 }];
+        let items = vec![MmItem {
+            identifier: "a".into(),
+            offset: 10,
+            length: 20,
+        }];
         assert_eq!(block_extras(&items, 0, 16).mm, vec![("a".to_string(), 10)]);
         assert_eq!(block_extras(&items, 1, 16).mm, vec![("a".to_string(), -6)]);
         assert!(block_extras(&items, 2, 16).mm.is_empty());

@@ -37,7 +37,12 @@ pub struct PublisherConfig {
 impl PublisherConfig {
     /// A publisher on `endpoint` with vLLM's defaults otherwise.
     pub fn new(endpoint: impl Into<String>) -> Self {
-        PublisherConfig { endpoint: endpoint.into(), replay_endpoint: None, topic: String::new(), buffer_steps: 10_000 }
+        PublisherConfig {
+            endpoint: endpoint.into(),
+            replay_endpoint: None,
+            topic: String::new(),
+            buffer_steps: 10_000,
+        }
     }
 }
 
@@ -80,7 +85,10 @@ impl EventPublisher {
             Some(r) => Some(last_endpoint(r)?),
             None => None,
         };
-        let inproc = format!("inproc://kvmesh-publisher-{}", FEED_ID.fetch_add(1, Ordering::Relaxed));
+        let inproc = format!(
+            "inproc://kvmesh-publisher-{}",
+            FEED_ID.fetch_add(1, Ordering::Relaxed)
+        );
         let pull = ctx.socket(zmq::PULL).map_err(zmq_err)?;
         pull.set_rcvhwm(0).map_err(zmq_err)?;
         pull.bind(&inproc).map_err(zmq_err)?;
@@ -137,7 +145,8 @@ impl EventPublisher {
         // The sequence is taken under the lock so the buffer and the wire see one order.
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let flag: &[u8] = if live { b"1" } else { b"0" };
-        sock.send_multipart([&seq.to_be_bytes()[..], flag, &buf[..]], 0).map_err(zmq_err)?;
+        sock.send_multipart([&seq.to_be_bytes()[..], flag, &buf[..]], 0)
+            .map_err(zmq_err)?;
         Ok(seq)
     }
 }
@@ -184,7 +193,8 @@ fn run(
                 }
                 let seq = frames[0].iter().fold(0u64, |a, &b| (a << 8) | u64::from(b));
                 if frames[1] == b"1" {
-                    let _ = pub_sock.send_multipart([&topic[..], &frames[0][..], &frames[2][..]], 0);
+                    let _ =
+                        pub_sock.send_multipart([&topic[..], &frames[0][..], &frames[2][..]], 0);
                 }
                 if buffer.len() == cap {
                     buffer.pop_front();
@@ -196,15 +206,29 @@ fn run(
             if let Some(r) = &router {
                 while let Ok(frames) = r.recv_multipart(zmq::DONTWAIT) {
                     // [identity, "", start_seq]; anything else is ignored, as vLLM does.
-                    if frames.len() != 3 || !frames[1].is_empty() || frames[2].is_empty() || frames[2].len() > 8 {
+                    if frames.len() != 3
+                        || !frames[1].is_empty()
+                        || frames[2].is_empty()
+                        || frames[2].len() > 8
+                    {
                         continue;
                     }
                     let start = frames[2].iter().fold(0u64, |a, &b| (a << 8) | u64::from(b));
                     let id = &frames[0];
                     for (seq, payload) in buffer.iter().filter(|(s, _)| *s >= start) {
-                        let _ = r.send_multipart([&id[..], b"", &topic[..], &seq.to_be_bytes()[..], &payload[..]], 0);
+                        let _ = r.send_multipart(
+                            [
+                                &id[..],
+                                b"",
+                                &topic[..],
+                                &seq.to_be_bytes()[..],
+                                &payload[..],
+                            ],
+                            0,
+                        );
                     }
-                    let _ = r.send_multipart([&id[..], b"", b"", &u64::MAX.to_be_bytes()[..], b""], 0);
+                    let _ =
+                        r.send_multipart([&id[..], b"", b"", &u64::MAX.to_be_bytes()[..], b""], 0);
                 }
             }
         }

@@ -64,7 +64,10 @@ impl Table {
     fn with_homes(capacity: usize, grouped: bool) -> Self {
         let capacity = capacity.max(8);
         let slots = (0..capacity)
-            .map(|_| Slot { key: AtomicU64::new(EMPTY), val: AtomicU64::new(0) })
+            .map(|_| Slot {
+                key: AtomicU64::new(EMPTY),
+                val: AtomicU64::new(0),
+            })
             .collect();
         Table { slots, grouped }
     }
@@ -105,8 +108,7 @@ impl Table {
     /// Grouped tables: the home of position 0 of `key`'s group.
     #[inline]
     pub fn group_start(&self, key: u64) -> usize {
-        let reduce = ((u128::from(spread(key >> ANCHOR_SHIFT)) * self.slots.len() as u128) >> 64) as usize;
-        reduce
+        ((u128::from(spread(key >> ANCHOR_SHIFT)) * self.slots.len() as u128) >> 64) as usize
     }
 
     /// Reader: visits the live slots from `start` on, as `(index, key, value)`, until an empty
@@ -205,7 +207,9 @@ impl Table {
     pub fn try_update(&self, idx: usize, key: u64, old: u64, new: u64) {
         let s = &self.slots[idx];
         if s.key.load(Ordering::Acquire) == key {
-            let _ = s.val.compare_exchange(old, new, Ordering::AcqRel, Ordering::Relaxed);
+            let _ = s
+                .val
+                .compare_exchange(old, new, Ordering::AcqRel, Ordering::Relaxed);
         }
     }
 

@@ -32,14 +32,16 @@ pub struct TraceRequest {
 
 /// Reads a Mooncake JSONL trace. Blank lines are skipped; a malformed line is an error naming it.
 pub fn load_trace(path: &Path, limit: Option<usize>) -> Result<Vec<TraceRequest>> {
-    let f = std::fs::File::open(path)
-        .map_err(|e| IndexError::InvalidArgument(format!("cannot open trace {}: {e}", path.display())))?;
+    let f = std::fs::File::open(path).map_err(|e| {
+        IndexError::InvalidArgument(format!("cannot open trace {}: {e}", path.display()))
+    })?;
     let mut out = Vec::new();
     for (n, line) in BufReader::new(f).lines().enumerate() {
         if limit.is_some_and(|l| out.len() >= l) {
             break;
         }
-        let line = line.map_err(|e| IndexError::InvalidArgument(format!("{}: {e}", path.display())))?;
+        let line =
+            line.map_err(|e| IndexError::InvalidArgument(format!("{}: {e}", path.display())))?;
         if line.trim().is_empty() {
             continue;
         }
@@ -76,7 +78,7 @@ pub fn default_engine_hash(parent: Option<u64>, tokens: &[u32]) -> u64 {
     for t in tokens {
         buf.extend_from_slice(&t.to_le_bytes());
     }
-    xxh3_64_with_seed(&buf, parent.unwrap_or(0x5eed_0f_e1_1e))
+    xxh3_64_with_seed(&buf, parent.unwrap_or(0x005e_ed0f_e11e))
 }
 
 /// One engine's prefix cache: an LRU of `capacity` blocks.
@@ -104,7 +106,13 @@ pub struct StepOutcome {
 impl LruEngine {
     /// An empty cache of `capacity` blocks of `block_size` tokens.
     pub fn new(capacity: usize, block_size: usize) -> Self {
-        LruEngine { capacity, block_size, tick: 0, last_use: HashMap::new(), order: BTreeMap::new() }
+        LruEngine {
+            capacity,
+            block_size,
+            tick: 0,
+            last_use: HashMap::new(),
+            order: BTreeMap::new(),
+        }
     }
 
     /// Blocks held.
@@ -124,7 +132,10 @@ impl LruEngine {
 
     /// How many leading blocks of `hashes` the cache holds.
     pub fn cached_prefix(&self, hashes: &[u64]) -> usize {
-        hashes.iter().take_while(|h| self.last_use.contains_key(h)).count()
+        hashes
+            .iter()
+            .take_while(|h| self.last_use.contains_key(h))
+            .count()
     }
 
     fn touch(&mut self, h: u64) {
@@ -147,7 +158,11 @@ impl LruEngine {
         // Evict what the new blocks need, never this request's own prefix.
         let protected: std::collections::HashSet<u64> = hashes[..hit].iter().copied().collect();
         while self.last_use.len() + new > self.capacity {
-            let victim = self.order.iter().map(|(&t, &h)| (t, h)).find(|(_, h)| !protected.contains(h));
+            let victim = self
+                .order
+                .iter()
+                .map(|(&t, &h)| (t, h))
+                .find(|(_, h)| !protected.contains(h));
             let Some((t, h)) = victim else { break };
             self.order.remove(&t);
             self.last_use.remove(&h);
@@ -166,7 +181,10 @@ impl LruEngine {
         if stored > 0 {
             let bs = self.block_size;
             events.push(KvEvent::BlockStored(BlockStored {
-                block_hashes: hashes[hit..hit + stored].iter().map(|&h| EngineHash(h)).collect(),
+                block_hashes: hashes[hit..hit + stored]
+                    .iter()
+                    .map(|&h| EngineHash(h))
+                    .collect(),
                 parent_block_hash: (hit > 0).then(|| EngineHash(hashes[hit - 1])),
                 token_ids: tokens[hit * bs..(hit + stored) * bs].to_vec(),
                 block_size: bs as u32,
@@ -183,7 +201,11 @@ impl LruEngine {
         StepOutcome {
             hit_blocks: hit,
             prompt_blocks: n,
-            batch: EventBatch { ts, events, data_parallel_rank: Some(0) },
+            batch: EventBatch {
+                ts,
+                events,
+                data_parallel_rank: Some(0),
+            },
         }
     }
 }
@@ -207,10 +229,29 @@ mod tests {
 
     #[test]
     fn shared_hash_ids_share_token_blocks() {
-        let a = TraceRequest { timestamp: 0, input_length: 1100, output_length: 1, hash_ids: vec![0, 1, 2] };
-        let b = TraceRequest { timestamp: 0, input_length: 1024, output_length: 1, hash_ids: vec![0, 1] };
-        let c = TraceRequest { timestamp: 0, input_length: 1024, output_length: 1, hash_ids: vec![0, 9] };
-        let (ta, tb, tc) = (prompt_tokens(&a, 16), prompt_tokens(&b, 16), prompt_tokens(&c, 16));
+        let a = TraceRequest {
+            timestamp: 0,
+            input_length: 1100,
+            output_length: 1,
+            hash_ids: vec![0, 1, 2],
+        };
+        let b = TraceRequest {
+            timestamp: 0,
+            input_length: 1024,
+            output_length: 1,
+            hash_ids: vec![0, 1],
+        };
+        let c = TraceRequest {
+            timestamp: 0,
+            input_length: 1024,
+            output_length: 1,
+            hash_ids: vec![0, 9],
+        };
+        let (ta, tb, tc) = (
+            prompt_tokens(&a, 16),
+            prompt_tokens(&b, 16),
+            prompt_tokens(&c, 16),
+        );
         assert_eq!(ta.len(), 1100 / 16 * 16);
         assert_eq!(&ta[..1024], &tb[..]);
         assert_eq!(&ta[..512], &tc[..512]);

@@ -49,14 +49,21 @@ fn publisher(ctx: &zmq::Context, endpoint: &str, replay: &str) -> EventPublisher
 
 fn matched(index: &Index, tokens: &[u32]) -> u32 {
     let ns = Namespace::model("m");
-    let q = Query { namespace: &ns, blocks: QueryBlocks::Tokens { tokens, mm: &[] }, engines: None };
+    let q = Query {
+        namespace: &ns,
+        blocks: QueryBlocks::Tokens { tokens, mm: &[] },
+        engines: None,
+    };
     index.query(&q).first().map_or(0, |m| m.matched_blocks)
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -66,7 +73,11 @@ fn status(ing: &Ingestor) -> StreamStatus {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -98,7 +109,10 @@ fn late_join_gap_restart_and_orphan() {
     publ.publish(&stored(&[4], Some(3), 48)).unwrap();
     wait_for("late join replay", || matched(&index, &all) == 4);
     let s = status(&ing);
-    assert_eq!((s.last_seq, s.replayed_batches, s.lost_batches), (Some(2), 2, 0));
+    assert_eq!(
+        (s.last_seq, s.replayed_batches, s.lost_batches),
+        (Some(2), 2, 0)
+    );
 
     // A batch lost on the wire: the next one reveals the gap and the replay fills it.
     publ.publish_lost(&stored(&[5], Some(4), 64)).unwrap();
@@ -109,7 +123,9 @@ fn late_join_gap_restart_and_orphan() {
 
     // The engine goes away: as soon as the connection drops, its blocks are cleared.
     drop(publ);
-    wait_for("disconnect clears the engine", || matched(&index, &all) == 0);
+    wait_for("disconnect clears the engine", || {
+        matched(&index, &all) == 0
+    });
     assert_eq!(status(&ing).disconnects, 1);
     // It comes back: its sequence starts again at 0; that is a restart.
     let publ = publisher(&ctx, &ep, &rep);
@@ -156,7 +172,11 @@ fn orphan_recovered_from_replay_buffer() {
     let ep = format!("tcp://127.0.0.1:{}", free_port());
     let rep = format!("tcp://127.0.0.1:{}", free_port());
     let publ = publisher(&ctx, &ep, &rep);
-    let cfg = kvindex::IndexConfig { byte_budget: 32 * 1024, initial_slots: 64, ..Default::default() };
+    let cfg = kvindex::IndexConfig {
+        byte_budget: 32 * 1024,
+        initial_slots: 64,
+        ..Default::default()
+    };
     let index = Index::new(cfg);
     let ing = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
     ing.add(EngineEndpoint {
@@ -172,11 +192,15 @@ fn orphan_recovered_from_replay_buffer() {
     let n = 3000u64;
     publ.publish(&stored(&[10], None, 0)).unwrap();
     for i in 1..n {
-        publ.publish(&stored(&[10 + i], Some(9 + i), 16 * i as u32)).unwrap();
+        publ.publish(&stored(&[10 + i], Some(9 + i), 16 * i as u32))
+            .unwrap();
     }
     wait_for("chain applied", || status(&ing).last_seq == Some(n - 1));
     assert!(index.stats().evicted_blocks > 0);
-    assert!(index.resolve(EngineHash(15)).is_none(), "the early block's alias was collected");
+    assert!(
+        index.resolve(EngineHash(15)).is_none(),
+        "the early block's alias was collected"
+    );
     // Branch off block 5 (hash 15): tokens of blocks 0..=5, then a new block.
     publ.publish(&stored(&[99_999], Some(15), 50_000)).unwrap();
     wait_for("orphan handled", || status(&ing).orphans == 1);

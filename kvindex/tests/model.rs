@@ -28,7 +28,9 @@ fn content(seq: usize, block: usize) -> u32 {
 }
 
 fn tokens(seq: usize, upto: usize) -> Vec<u32> {
-    (0..upto).flat_map(|b| (0..BS as u32).map(move |t| content(seq, b) * BS as u32 + t)).collect()
+    (0..upto)
+        .flat_map(|b| (0..BS as u32).map(move |t| content(seq, b) * BS as u32 + t))
+        .collect()
 }
 
 /// The engines' own hash of block `block` of `seq`: a function of the prefix, like vLLM's.
@@ -52,12 +54,37 @@ fn medium(t: Tier) -> Medium {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Store { engine: usize, seq: usize, start: usize, len: usize, tier: Tier },
-    Placeholder { engine: usize, seq: usize, block: usize, tier: Tier },
-    Remove { engine: usize, seq: usize, block: usize, tier: Tier },
-    Clear { engine: usize },
-    RemoveEngine { engine: usize },
-    Query { seq: usize, upto: usize, only: Option<usize>, by_hash: bool },
+    Store {
+        engine: usize,
+        seq: usize,
+        start: usize,
+        len: usize,
+        tier: Tier,
+    },
+    Placeholder {
+        engine: usize,
+        seq: usize,
+        block: usize,
+        tier: Tier,
+    },
+    Remove {
+        engine: usize,
+        seq: usize,
+        block: usize,
+        tier: Tier,
+    },
+    Clear {
+        engine: usize,
+    },
+    RemoveEngine {
+        engine: usize,
+    },
+    Query {
+        seq: usize,
+        upto: usize,
+        only: Option<usize>,
+        by_hash: bool,
+    },
 }
 
 fn tier() -> impl Strategy<Value = Tier> {
@@ -89,7 +116,9 @@ struct Model {
 
 impl Model {
     fn holds(&self, e: usize, key: u64) -> bool {
-        Tier::ALL.iter().any(|&t| self.counts.get(&(e, key, t)).is_some_and(|&c| c > 0))
+        Tier::ALL
+            .iter()
+            .any(|&t| self.counts.get(&(e, key, t)).is_some_and(|&c| c > 0))
     }
     fn clear(&mut self, e: usize) {
         self.counts.retain(|&(ce, _, _), _| ce != e);
@@ -97,24 +126,49 @@ impl Model {
 }
 
 fn spec(e: usize) -> EngineSpec {
-    EngineSpec { pod: format!("e{e}"), dp_rank: 0, model: "m".into() }
+    EngineSpec {
+        pod: format!("e{e}"),
+        dp_rank: 0,
+        model: "m".into(),
+    }
 }
 
 /// Runs `ops` against a fresh backend and the model; panics on the first disagreement.
 fn run(backend: &dyn IndexBackend, ops: &[Op]) {
     let ns = Namespace::model("m");
     let keys: Vec<Vec<u64>> = (0..SHARED.len())
-        .map(|s| KeyHasher::new().chain(&ns, &tokens(s, BLOCKS), BS).iter().map(|k| k.0).collect())
+        .map(|s| {
+            KeyHasher::new()
+                .chain(&ns, &tokens(s, BLOCKS), BS)
+                .iter()
+                .map(|k| k.0)
+                .collect()
+        })
         .collect();
     let weights = IndexConfig::default().tier_weights;
     let mut model = Model::default();
     let mut ids: Vec<Option<EngineId>> = vec![None; ENGINES];
-    let batch = |ev: KvEvent| EventBatch { ts: 0.0, events: vec![ev], data_parallel_rank: Some(0) };
+    let batch = |ev: KvEvent| EventBatch {
+        ts: 0.0,
+        events: vec![ev],
+        data_parallel_rank: Some(0),
+    };
     for (step, op) in ops.iter().enumerate() {
         match *op {
-            Op::Store { engine, seq, start, len, tier } => {
-                let id = *ids[engine].get_or_insert_with(|| backend.add_engine(spec(engine)).unwrap());
-                let start = if start > 0 && model.holds(engine, keys[seq][start - 1]) { start } else { 0 };
+            Op::Store {
+                engine,
+                seq,
+                start,
+                len,
+                tier,
+            } => {
+                let id =
+                    *ids[engine].get_or_insert_with(|| backend.add_engine(spec(engine)).unwrap());
+                let start = if start > 0 && model.holds(engine, keys[seq][start - 1]) {
+                    start
+                } else {
+                    0
+                };
                 let end = (start + len).min(BLOCKS);
                 let ev = BlockStored {
                     block_hashes: (start..end).map(|b| EngineHash(ehash(seq, b))).collect(),
@@ -126,11 +180,16 @@ fn run(backend: &dyn IndexBackend, ops: &[Op]) {
                 };
                 let rep = backend.apply(id, &batch(KvEvent::BlockStored(ev))).unwrap();
                 assert!(rep.orphans.is_empty(), "step {step}: unexpected orphan");
-                for b in start..end {
-                    *model.counts.entry((engine, keys[seq][b], tier)).or_default() += 1;
+                for &key in &keys[seq][start..end] {
+                    *model.counts.entry((engine, key, tier)).or_default() += 1;
                 }
             }
-            Op::Placeholder { engine, seq, block, tier } => {
+            Op::Placeholder {
+                engine,
+                seq,
+                block,
+                tier,
+            } => {
                 let Some(id) = ids[engine] else { continue };
                 if !model.holds(engine, keys[seq][block]) {
                     continue;
@@ -141,17 +200,30 @@ fn run(backend: &dyn IndexBackend, ops: &[Op]) {
                     ..Default::default()
                 };
                 let rep = backend.apply(id, &batch(KvEvent::BlockStored(ev))).unwrap();
-                assert!(rep.unresolved.is_empty(), "step {step}: placeholder unresolved");
-                *model.counts.entry((engine, keys[seq][block], tier)).or_default() += 1;
+                assert!(
+                    rep.unresolved.is_empty(),
+                    "step {step}: placeholder unresolved"
+                );
+                *model
+                    .counts
+                    .entry((engine, keys[seq][block], tier))
+                    .or_default() += 1;
             }
-            Op::Remove { engine, seq, block, tier } => {
+            Op::Remove {
+                engine,
+                seq,
+                block,
+                tier,
+            } => {
                 let Some(id) = ids[engine] else { continue };
                 let ev = BlockRemoved {
                     block_hashes: vec![EngineHash(ehash(seq, block))],
                     medium: Some(medium(tier)),
                     ..Default::default()
                 };
-                backend.apply(id, &batch(KvEvent::BlockRemoved(ev))).unwrap();
+                backend
+                    .apply(id, &batch(KvEvent::BlockRemoved(ev)))
+                    .unwrap();
                 if let Some(c) = model.counts.get_mut(&(engine, keys[seq][block], tier)) {
                     *c -= 1;
                     if *c == 0 {
@@ -161,39 +233,52 @@ fn run(backend: &dyn IndexBackend, ops: &[Op]) {
             }
             Op::Clear { engine } => {
                 let Some(id) = ids[engine] else { continue };
-                backend.apply(id, &batch(KvEvent::AllBlocksCleared)).unwrap();
+                backend
+                    .apply(id, &batch(KvEvent::AllBlocksCleared))
+                    .unwrap();
                 model.clear(engine);
             }
             Op::RemoveEngine { engine } => {
-                let Some(id) = ids[engine].take() else { continue };
+                let Some(id) = ids[engine].take() else {
+                    continue;
+                };
                 backend.remove_engine(id).unwrap();
                 model.clear(engine);
             }
-            Op::Query { seq, upto, only, by_hash } => {
+            Op::Query {
+                seq,
+                upto,
+                only,
+                by_hash,
+            } => {
                 let toks = tokens(seq, upto);
-                let hashes: Vec<EngineHash> = (0..upto).map(|b| EngineHash(ehash(seq, b))).collect();
+                let hashes: Vec<EngineHash> =
+                    (0..upto).map(|b| EngineHash(ehash(seq, b))).collect();
                 let filter: Option<Vec<EngineId>> = only.map(|e| ids[e].into_iter().collect());
                 let q = Query {
                     namespace: &ns,
                     blocks: if by_hash {
                         QueryBlocks::VllmHashes(&hashes)
                     } else {
-                        QueryBlocks::Tokens { tokens: &toks, mm: &[] }
+                        QueryBlocks::Tokens {
+                            tokens: &toks,
+                            mm: &[],
+                        }
                     },
                     engines: filter.as_deref(),
                 };
                 let got = backend.query(&q).unwrap();
                 // Model answer.
                 let mut want: Vec<(String, u32, [u32; 4], f64)> = Vec::new();
-                for e in 0..ENGINES {
-                    if ids[e].is_none() || only.is_some_and(|o| o != e) {
+                for (e, id) in ids.iter().enumerate() {
+                    if id.is_none() || only.is_some_and(|o| o != e) {
                         continue;
                     }
                     let (mut n, mut tiers, mut score) = (0u32, [0u32; 4], 0.0f64);
-                    for b in 0..upto {
+                    for &key in &keys[seq][..upto] {
                         let held: Vec<Tier> = Tier::ALL
                             .into_iter()
-                            .filter(|&t| model.counts.get(&(e, keys[seq][b], t)).is_some_and(|&c| c > 0))
+                            .filter(|&t| model.counts.get(&(e, key, t)).is_some_and(|&c| c > 0))
                             .collect();
                         if held.is_empty() {
                             break;
@@ -202,7 +287,10 @@ fn run(backend: &dyn IndexBackend, ops: &[Op]) {
                         for &t in &held {
                             tiers[t as usize] += 1;
                         }
-                        score += held.iter().map(|&t| weights[t as usize]).fold(0.0, f64::max);
+                        score += held
+                            .iter()
+                            .map(|&t| weights[t as usize])
+                            .fold(0.0, f64::max);
                     }
                     if n > 0 {
                         want.push((format!("e{e}"), n, tiers, score));
@@ -213,9 +301,17 @@ fn run(backend: &dyn IndexBackend, ops: &[Op]) {
                     .iter()
                     .map(|m| (m.name.to_string(), m.matched_blocks, m.tiers, m.score))
                     .collect();
-                assert_eq!(got_cmp.len(), want.len(), "step {step}: {op:?}\n got {got_cmp:?}\nwant {want:?}");
+                assert_eq!(
+                    got_cmp.len(),
+                    want.len(),
+                    "step {step}: {op:?}\n got {got_cmp:?}\nwant {want:?}"
+                );
                 for (g, w) in got_cmp.iter().zip(&want) {
-                    assert_eq!((&g.0, g.1, g.2), (&w.0, w.1, w.2), "step {step}: {op:?}\n got {got_cmp:?}\nwant {want:?}");
+                    assert_eq!(
+                        (&g.0, g.1, g.2),
+                        (&w.0, w.1, w.2),
+                        "step {step}: {op:?}\n got {got_cmp:?}\nwant {want:?}"
+                    );
                     assert!((g.3 - w.3).abs() < 1e-9, "step {step}: score");
                 }
                 if !by_hash {

@@ -15,7 +15,9 @@ pub fn root() -> PathBuf {
 
 /// Fails the test with a clear message unless `tests/vllm/setup.sh` has installed vLLM.
 pub fn require_vllm() {
-    let cache = std::env::var_os("KVMESH_CACHE").map(PathBuf::from).unwrap_or_else(|| root().join(".cache"));
+    let cache = std::env::var_os("KVMESH_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".cache"));
     let py = cache.join("vllm-venv/bin/python");
     let model = cache.join("tiny-llama");
     assert!(
@@ -28,7 +30,11 @@ pub fn require_vllm() {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// One running vLLM OpenAI server with KV events on.
@@ -94,7 +100,10 @@ impl Engine {
             Ok(l) => l,
             Err(_) => {
                 let _ = child.kill();
-                panic!("vLLM engine {} did not become ready within 10 minutes", self.name);
+                panic!(
+                    "vLLM engine {} did not become ready within 10 minutes",
+                    self.name
+                );
             }
         };
         let v: serde_json::Value = serde_json::from_str(&line).expect("ready line is JSON");
@@ -107,7 +116,10 @@ impl Engine {
     /// Stops the engine (SIGTERM, then SIGKILL after 30 s) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
             for _ in 0..300 {
                 if let Ok(Some(_)) = c.try_wait() {
                     return;
@@ -138,7 +150,9 @@ impl Engine {
 
     /// `usage.prompt_tokens_details.cached_tokens` of a completion response.
     pub fn cached_tokens(resp: &serde_json::Value) -> u64 {
-        resp["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0)
+        resp["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0)
     }
 }
 
