@@ -3,9 +3,10 @@
 //! # Model
 //!
 //! * **Blocks** are named by [`BlockKey`]s (see [`crate::key`]). The block table maps a key to
-//!   the engines holding it: one 16-byte slot per (key, group of 8 engines), whose value packs a
-//!   4-bit tier mask per engine, the group number, the block's depth in its chain (saturating at
-//!   255) and a 16-bit recency stamp.
+//!   the engines holding it: one 16-byte slot per (key, group of 32 engines, tier), whose value
+//!   packs a presence bit per engine, the group, the tier, the block's depth in its chain
+//!   (saturating at 63) and a 16-bit recency stamp. A block on one tier of up to 32 engines takes
+//!   one slot.
 //! * **Aliases** map an engine's own block hash (opaque, as published in its events) to the key
 //!   kvmesh computed for that block. Aliases are shared between engines: engines with the same hash
 //!   algorithm and seed agree on them, and a 64-bit collision between different ones is counted.
@@ -134,9 +135,9 @@ impl EngineSpec {
 pub struct EngineId(pub u32);
 
 /// Engines per block-table slot.
-const LANES: u32 = 8;
-/// At most this many engines (256 groups of 8).
-pub const MAX_ENGINES: usize = 2048;
+const LANES: u32 = 32;
+/// At most this many engines (256 groups of 32).
+pub const MAX_ENGINES: usize = 8192;
 
 /// What readers know of an engine.
 pub struct EngineInfo {
@@ -158,18 +159,33 @@ impl EngineInfo {
     }
 }
 
-// Block-table value layout.
+// Block-table value layout: [stamp 16][depth 6][tier 2][group 8][presence 32].
 const GROUP_SHIFT: u32 = 32;
-const DEPTH_SHIFT: u32 = 40;
+const TIER_SHIFT: u32 = 40;
+const DEPTH_SHIFT: u32 = 42;
 const STAMP_SHIFT: u32 = 48;
+const MAX_DEPTH: u32 = 63;
 
 #[inline]
 fn v_group(v: u64) -> u32 {
     ((v >> GROUP_SHIFT) & 0xff) as u32
 }
 #[inline]
+fn v_tier(v: u64) -> usize {
+    ((v >> TIER_SHIFT) & 0x3) as usize
+}
+/// Group and tier together: what makes slots of one key distinct.
+#[inline]
+fn v_class(v: u64) -> u32 {
+    ((v >> GROUP_SHIFT) & 0x3ff) as u32
+}
+#[inline]
+fn class_of(g: u32, tier: Tier) -> u32 {
+    g | ((tier as u32) << 8)
+}
+#[inline]
 fn v_depth(v: u64) -> u32 {
-    ((v >> DEPTH_SHIFT) & 0xff) as u32
+    ((v >> DEPTH_SHIFT) & 0x3f) as u32
 }
 #[inline]
 fn v_stamp(v: u64) -> u16 {
@@ -180,8 +196,8 @@ fn with_stamp(v: u64, stamp: u16) -> u64 {
     (v & !(0xffff << STAMP_SHIFT)) | (u64::from(stamp) << STAMP_SHIFT)
 }
 #[inline]
-fn tier_bit(lane: u32, tier: Tier) -> u64 {
-    1u64 << (lane * 4 + tier as u32)
+fn lane_bit(lane: u32) -> u64 {
+    1u64 << lane
 }
 
 /// Load factor above which a table is grown, cleaned or evicted.
@@ -303,6 +319,8 @@ pub struct EngineMatch {
 
 /// Per query scratch, sized to the engine slots.
 struct Walk {
+    /// Tiers on which each engine holds the block being walked (scratch, zero between blocks).
+    pending: Vec<u8>,
     matched: Vec<u32>,
     tiers: Vec<[u32; TIERS]>,
     score: Vec<f64>,
@@ -312,6 +330,7 @@ struct Walk {
 impl Walk {
     fn new(n: usize) -> Self {
         Walk {
+            pending: vec![0; n],
             matched: vec![0; n],
             tiers: vec![[0; TIERS]; n],
             score: vec![0.0; n],
@@ -670,22 +689,21 @@ impl Index {
     pub fn holders(&self, key: BlockKey) -> Vec<(EngineId, Vec<Tier>)> {
         let blocks = self.inner.blocks.load();
         let mut out = Vec::new();
+        let mut by_engine: std::collections::BTreeMap<EngineId, Vec<Tier>> = Default::default();
         blocks.for_each(key.0, |v| {
-            let g = v_group(v);
-            for lane in 0..LANES {
-                let nib = (v >> (lane * 4)) & 0xf;
-                if nib != 0 {
-                    let tiers = Tier::ALL
-                        .iter()
-                        .copied()
-                        .filter(|t| nib & (1 << *t as u32) != 0)
-                        .collect();
-                    out.push((EngineId(g * LANES + lane), tiers));
-                }
+            let (g, tier) = (v_group(v), Tier::ALL[v_tier(v)]);
+            let mut mask = v as u32;
+            while mask != 0 {
+                let lane = mask.trailing_zeros();
+                mask &= mask - 1;
+                by_engine.entry(EngineId(g * LANES + lane)).or_default().push(tier);
             }
             true
         });
-        out.sort();
+        for (e, mut tiers) in by_engine {
+            tiers.sort();
+            out.push((e, tiers));
+        }
         out
     }
 
@@ -728,13 +746,12 @@ impl Index {
         let blocks = self.inner.blocks.load();
         let mut out = Vec::new();
         blocks.scan(|_, k, v| {
-            let g = v_group(v);
-            for lane in 0..LANES {
-                for t in Tier::ALL {
-                    if v & tier_bit(lane, t) != 0 {
-                        out.push((BlockKey(k), EngineId(g * LANES + lane), t));
-                    }
-                }
+            let (g, tier) = (v_group(v), Tier::ALL[v_tier(v)]);
+            let mut mask = v as u32;
+            while mask != 0 {
+                let lane = mask.trailing_zeros();
+                mask &= mask - 1;
+                out.push((BlockKey(k), EngineId(g * LANES + lane), tier));
             }
         });
         out.sort();
@@ -782,6 +799,7 @@ fn walk_chain(
     };
     // (position in the group, slot index, value) of every slot holding one of the group's keys.
     let mut hits: Vec<(u8, usize, u64)> = Vec::with_capacity(64);
+    let mut touched: Vec<usize> = Vec::with_capacity(16);
     let mut starts: [usize; GROUP] = [usize::MAX; GROUP];
     let mut base = 0;
     let mut got = fill(&mut cur, 0);
@@ -819,29 +837,25 @@ fn walk_chain(
         let mut h = 0;
         for (j, &key) in cur.iter().enumerate().take(got) {
             let depth = (base + j) as u32;
-            let mut advanced = 0u32;
+            // Engines holding block j (on any tier) that are still on a consecutive run, with
+            // the tiers they hold it on.
+            touched.clear();
             while h < hits.len() && hits[h].0 as usize == j {
                 let (_, idx, v) = hits[h];
                 h += 1;
                 let gbase = (v_group(v) * LANES) as usize;
-                let mut nibs = v as u32;
+                let tier = v_tier(v);
+                let mut mask = v as u32;
                 let mut hit = false;
-                while nibs != 0 {
-                    let lane = nibs.trailing_zeros() / 4;
-                    let nib = (nibs >> (lane * 4)) & 0xf;
-                    nibs &= !(0xf << (lane * 4));
+                while mask != 0 {
+                    let lane = mask.trailing_zeros();
+                    mask &= mask - 1;
                     let e = gbase + lane as usize;
                     if e < walk.matched.len() && walk.allowed[e] && walk.matched[e] == depth {
-                        walk.matched[e] += 1;
-                        let mut best = 0.0f64;
-                        for (t, w) in weights.iter().enumerate() {
-                            if nib & (1 << t) != 0 {
-                                walk.tiers[e][t] += 1;
-                                best = best.max(*w);
-                            }
+                        if walk.pending[e] == 0 {
+                            touched.push(e);
                         }
-                        walk.score[e] += best;
-                        advanced += 1;
+                        walk.pending[e] |= 1 << tier;
                         hit = true;
                     }
                 }
@@ -849,8 +863,21 @@ fn walk_chain(
                     blocks.try_update(idx, key, v, with_stamp(v, stamp));
                 }
             }
-            if advanced == 0 {
+            if touched.is_empty() {
                 return;
+            }
+            for &e in &touched {
+                let tiers = walk.pending[e];
+                walk.pending[e] = 0;
+                walk.matched[e] += 1;
+                let mut best = 0.0f64;
+                for (t, w) in weights.iter().enumerate() {
+                    if tiers & (1 << t) != 0 {
+                        walk.tiers[e][t] += 1;
+                        best = best.max(*w);
+                    }
+                }
+                walk.score[e] += best;
             }
         }
         if got < GROUP {
@@ -1116,11 +1143,12 @@ impl Writer {
         restore: bool,
     ) {
         let (g, lane) = (e / LANES, e % LANES);
-        let bit = tier_bit(lane, tier);
+        let bit = lane_bit(lane);
+        let class = class_of(g, tier);
         let mut key_seen = false;
         match self
             .blocks
-            .find_or_vacancy(key, &mut key_seen, |v| v_group(v) == g)
+            .find_or_vacancy(key, &mut key_seen, |v| v_class(v) == class)
         {
             Ok(idx) => {
                 let v = self.blocks.val(idx);
@@ -1145,7 +1173,8 @@ impl Writer {
                 }
                 let v = bit
                     | (u64::from(g) << GROUP_SHIFT)
-                    | (u64::from(depth.min(255)) << DEPTH_SHIFT)
+                    | ((tier as u64) << TIER_SHIFT)
+                    | (u64::from(depth.min(MAX_DEPTH)) << DEPTH_SHIFT)
                     | (u64::from(stamp) << STAMP_SHIFT);
                 self.blocks.fill(vacancy, key, v, &mut self.blocks_occ);
                 if !key_seen {
@@ -1169,8 +1198,9 @@ impl Writer {
             }
         }
         let (g, lane) = (e / LANES, e % LANES);
-        let bit = tier_bit(lane, tier);
-        let Some(idx) = self.blocks.find(key, |v| v_group(v) == g) else {
+        let bit = lane_bit(lane);
+        let class = class_of(g, tier);
+        let Some(idx) = self.blocks.find(key, |v| v_class(v) == class) else {
             return false;
         };
         let v = self.blocks.val(idx);
@@ -1194,7 +1224,7 @@ impl Writer {
     /// Removes every membership of engine `e`.
     fn purge(&mut self, e: u32) {
         let (g, lane) = (e / LANES, e % LANES);
-        let mask = 0xfu64 << (lane * 4);
+        let mask = lane_bit(lane);
         let mut hits = Vec::new();
         self.blocks.scan(|idx, k, v| {
             if v_group(v) == g && v & mask != 0 {
@@ -1202,8 +1232,7 @@ impl Writer {
             }
         });
         for (idx, k, v) in hits {
-            let held = ((v & mask) >> (lane * 4)).count_ones() as usize;
-            self.memberships -= held;
+            self.memberships -= 1;
             let nv = v & !mask;
             if nv as u32 == 0 {
                 self.blocks.remove(idx, &mut self.blocks_occ);
@@ -1309,23 +1338,18 @@ impl Writer {
                 if self.blocks.key(idx) != k {
                     continue;
                 }
-                let g = v_group(v);
-                for lane in 0..LANES {
-                    let nib = (v >> (lane * 4)) & 0xf;
-                    if nib == 0 {
-                        continue;
-                    }
+                let (g, t) = (v_group(v), v_tier(v));
+                let mut mask = v as u32;
+                while mask != 0 {
+                    let lane = mask.trailing_zeros();
+                    mask &= mask - 1;
                     let e = g * LANES + lane;
-                    for t in Tier::ALL {
-                        if nib & (1 << t as u32) != 0 {
-                            self.memberships -= 1;
-                            if let Some(c) = self.counts.get_mut(e as usize) {
-                                c[t as usize] = c[t as usize].saturating_sub(1);
-                            }
-                            if !self.dups.is_empty() {
-                                self.dups.remove(&(e, k, t as u8));
-                            }
-                        }
+                    self.memberships -= 1;
+                    if let Some(c) = self.counts.get_mut(e as usize) {
+                        c[t] = c[t].saturating_sub(1);
+                    }
+                    if !self.dups.is_empty() {
+                        self.dups.remove(&(e, k, t as u8));
                     }
                 }
                 self.blocks.remove(idx, &mut self.blocks_occ);
