@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{require_vllm, Engine};
 use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor};
-use kvindex::{EngineId, Index, Namespace, Query, QueryBlocks};
+use kvindex::vllm_hash::{VllmHashAlgo, VllmHasher};
+use kvindex::{EngineHash, EngineId, Index, Namespace, Query, QueryBlocks};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -35,9 +35,7 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};
-use crate::key::{
-    block_extras, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem, Namespace, GROUP,
-};
+use crate::key::{block_extras, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem, Namespace};
 use crate::table::{Occupancy, Table, SLOT_BYTES};
 use crate::{IndexError, Result};
 
@@ -159,12 +157,14 @@ impl EngineInfo {
     }
 }
 
-// Block-table value layout: [stamp 16][depth 6][tier 2][group 8][presence 32].
+// Block-table value layout: [stamp 16][more 1][depth 5][tier 2][group 8][presence 32].
 const GROUP_SHIFT: u32 = 32;
 const TIER_SHIFT: u32 = 40;
 const DEPTH_SHIFT: u32 = 42;
+const MAX_DEPTH: u32 = 31;
+/// Another slot of the same key follows this one in probe order (readers stop where it is clear).
+const MORE: u64 = 1 << 47;
 const STAMP_SHIFT: u32 = 48;
-const MAX_DEPTH: u32 = 63;
 
 #[inline]
 fn v_group(v: u64) -> u32 {
@@ -185,7 +185,7 @@ fn class_of(g: u32, tier: Tier) -> u32 {
 }
 #[inline]
 fn v_depth(v: u64) -> u32 {
-    ((v >> DEPTH_SHIFT) & 0x3f) as u32
+    ((v >> DEPTH_SHIFT) & 0x1f) as u32
 }
 #[inline]
 fn v_stamp(v: u64) -> u16 {
@@ -384,7 +384,7 @@ impl Index {
     /// An empty index.
     pub fn new(config: IndexConfig) -> Self {
         let slots = config.initial_slots.max(64);
-        let blocks = Arc::new(Table::grouped(slots));
+        let blocks = Arc::new(Table::new(slots));
         let aliases = Arc::new(Table::new(slots));
         let writer = Writer {
             blocks: blocks.clone(),
@@ -629,9 +629,9 @@ impl Index {
                     walk_chain(&blocks, &mut walk, weights, stamp, nblocks, |i| {
                         let toks = &tokens[i * bsz..(i + 1) * bsz];
                         let k = if mm.is_empty() {
-                            hasher.next(prev, i, toks)
+                            hasher.next(prev, toks)
                         } else {
-                            hasher.next_with(prev, i, toks, &block_extras(mm, i, bsz))
+                            hasher.next_with(prev, toks, &block_extras(mm, i, bsz))
                         };
                         prev = k.0;
                         Some(k.0)
@@ -696,7 +696,10 @@ impl Index {
             while mask != 0 {
                 let lane = mask.trailing_zeros();
                 mask &= mask - 1;
-                by_engine.entry(EngineId(g * LANES + lane)).or_default().push(tier);
+                by_engine
+                    .entry(EngineId(g * LANES + lane))
+                    .or_default()
+                    .push(tier);
             }
             true
         });
@@ -769,11 +772,14 @@ pub(crate) fn alias_key(h: EngineHash) -> u64 {
     }
 }
 
+/// Blocks whose keys a walk computes, and whose table slots it fetches, ahead of use.
+const BATCH: usize = 16;
+
 /// Walks a chain of `n` keys (produced lazily by `key_of`) over the block table, advancing every
 /// allowed engine that holds each block consecutively from block 0; stops when none advances.
 ///
-/// Keys come a group ([`GROUP`] blocks) at a time; a group's blocks share a home in the table, so
-/// one scan of that run finds every holder of every block of the group.
+/// Keys come [`BATCH`] at a time, and the home slots of the next batch are prefetched while the
+/// current one is processed, so the table's cache misses overlap each other and the hashing.
 fn walk_chain(
     blocks: &Table,
     walk: &mut Walk,
@@ -782,67 +788,36 @@ fn walk_chain(
     n: usize,
     mut key_of: impl FnMut(usize) -> Option<u64>,
 ) {
-    // Keys of the group being walked and of the next one: the next group's keys are hashed and
-    // its run fetched before the current group is processed, so the memory access of one group
-    // overlaps the hashing of the other.
-    let mut cur = [0u64; GROUP];
-    let mut nxt = [0u64; GROUP];
-    let mut fill = |buf: &mut [u64; GROUP], base: usize| -> usize {
-        let want = n.saturating_sub(base).min(GROUP);
+    let mut cur = [0u64; BATCH];
+    let mut nxt = [0u64; BATCH];
+    let mut fill = |buf: &mut [u64; BATCH], base: usize| -> usize {
+        let want = n.saturating_sub(base).min(BATCH);
         for (j, slot) in buf.iter_mut().enumerate().take(want) {
             match key_of(base + j) {
-                Some(k) => *slot = k,
+                Some(k) => {
+                    *slot = k;
+                    blocks.prefetch(k);
+                }
                 None => return j,
             }
         }
         want
     };
-    // (position in the group, slot index, value) of every slot holding one of the group's keys.
-    let mut hits: Vec<(u8, usize, u64)> = Vec::with_capacity(64);
     let mut touched: Vec<usize> = Vec::with_capacity(16);
-    let mut starts: [usize; GROUP] = [usize::MAX; GROUP];
     let mut base = 0;
     let mut got = fill(&mut cur, 0);
     while got > 0 {
-        let next_got = if got == GROUP {
-            fill(&mut nxt, base + GROUP)
+        let next_got = if got == BATCH {
+            fill(&mut nxt, base + BATCH)
         } else {
             0
         };
-        if next_got > 0 {
-            let start = blocks.group_start(nxt[0]);
-            blocks.prefetch_slot(start);
-            blocks.prefetch_slot(start + 8);
-        }
-        hits.clear();
-        let pos0 = BlockKey(cur[0]).group_pos();
-        let mut nstarts = 0;
-        for j in 0..got {
-            // Normally the whole group has one anchor, hence one span: scan each span once.
-            let start = blocks.group_start(cur[j]);
-            if starts[..nstarts].contains(&start) {
-                continue;
-            }
-            starts[nstarts] = start;
-            nstarts += 1;
-            blocks.for_each_in_span(start, GROUP, |idx, k, v| {
-                let jj = (BlockKey(k).group_pos() + GROUP - pos0) % GROUP;
-                if jj < got && cur[jj] == k {
-                    hits.push((jj as u8, idx, v));
-                }
-                true
-            });
-        }
-        hits.sort_unstable_by_key(|h| h.0);
-        let mut h = 0;
         for (j, &key) in cur.iter().enumerate().take(got) {
             let depth = (base + j) as u32;
-            // Engines holding block j (on any tier) that are still on a consecutive run, with
-            // the tiers they hold it on.
+            // Engines holding this block (on any tier) that are still on a consecutive run,
+            // with the tiers they hold it on.
             touched.clear();
-            while h < hits.len() && hits[h].0 as usize == j {
-                let (_, idx, v) = hits[h];
-                h += 1;
+            blocks.for_each_indexed(key, |idx, v| {
                 let gbase = (v_group(v) * LANES) as usize;
                 let tier = v_tier(v);
                 let mut mask = v as u32;
@@ -862,7 +837,8 @@ fn walk_chain(
                 if hit && v_stamp(v) != stamp {
                     blocks.try_update(idx, key, v, with_stamp(v, stamp));
                 }
-            }
+                v & MORE != 0
+            });
             if touched.is_empty() {
                 return;
             }
@@ -880,10 +856,10 @@ fn walk_chain(
                 walk.score[e] += best;
             }
         }
-        if got < GROUP {
+        if got < BATCH {
             return;
         }
-        base += GROUP;
+        base += BATCH;
         std::mem::swap(&mut cur, &mut nxt);
         got = next_got;
     }
@@ -941,14 +917,11 @@ pub(crate) fn event_keys(
             .and_then(|x| x.get(i))
             .and_then(|x| x.as_ref())
     };
-    let (mut prev, first_pos) = match parent {
-        Some(k) => (k, BlockKey(k).group_pos() + 1),
+    let mut prev = match parent {
+        Some(k) => k,
         None => {
             let first = parse_extras(extras_of(0), ev.lora_name.as_deref());
-            (
-                root_seed(model, ev.lora_name.as_deref(), first.salt.as_deref()),
-                0,
-            )
+            root_seed(model, ev.lora_name.as_deref(), first.salt.as_deref())
         }
     };
     for (i, toks) in ev
@@ -957,12 +930,11 @@ pub(crate) fn event_keys(
         .enumerate()
         .take(ev.block_hashes.len())
     {
-        let pos = first_pos + i;
         let key = match extras_of(i) {
-            None => hasher.next(prev, pos, toks),
+            None => hasher.next(prev, toks),
             Some(x) => {
                 let parsed = parse_extras(Some(x), ev.lora_name.as_deref());
-                hasher.next_with(prev, pos, toks, &parsed.extras)
+                hasher.next_with(prev, toks, &parsed.extras)
             }
         };
         out.push(key);
@@ -1067,12 +1039,19 @@ impl Writer {
                 }
             },
         };
-        for h in &ev.block_hashes {
-            self.aliases.prefetch(alias_key(*h));
-        }
         let mut keys = std::mem::take(&mut self.scratch);
         event_keys(&mut self.hasher, &info.spec.model, ev, parent, &mut keys);
-        for (&h, &key) in ev.block_hashes.iter().zip(&keys) {
+        // Fetch the table slots a few blocks ahead, so their cache misses overlap.
+        const AHEAD: usize = 8;
+        for (h, k) in ev.block_hashes.iter().zip(&keys).take(AHEAD) {
+            self.aliases.prefetch(alias_key(*h));
+            self.blocks.prefetch(k.0);
+        }
+        for (i, (&h, &key)) in ev.block_hashes.iter().zip(&keys).enumerate() {
+            if let (Some(ah), Some(ak)) = (ev.block_hashes.get(i + AHEAD), keys.get(i + AHEAD)) {
+                self.aliases.prefetch(alias_key(*ah));
+                self.blocks.prefetch(ak.0);
+            }
             self.add_alias(inner, h, key.0);
             self.add(inner, key.0, e, tier, depth, stamp, restore);
             depth += 1;
@@ -1171,11 +1150,19 @@ impl Writer {
                         Ok(i) | Err(i) => i,
                     };
                 }
-                let v = bit
+                let mut v = bit
                     | (u64::from(g) << GROUP_SHIFT)
                     | ((tier as u64) << TIER_SHIFT)
                     | (u64::from(depth.min(MAX_DEPTH)) << DEPTH_SHIFT)
                     | (u64::from(stamp) << STAMP_SHIFT);
+                if key_seen {
+                    // Keep readers going from this key's earlier slots to the new one (marked
+                    // first), and from the new one to any later slot.
+                    let limit = self.blocks.probe_distance(key, vacancy);
+                    if self.blocks.mark_before(key, limit, MORE) {
+                        v |= MORE;
+                    }
+                }
                 self.blocks.fill(vacancy, key, v, &mut self.blocks_occ);
                 if !key_seen {
                     self.distinct += 1;
@@ -1272,7 +1259,7 @@ impl Writer {
     }
 
     fn rebuild_blocks(&mut self, cap: usize) {
-        let (t, occ) = self.blocks.rebuild(cap, |_, _| true);
+        let (t, occ) = self.blocks.rebuild_with_more(cap, MORE, |_, _| true);
         self.blocks = Arc::new(t);
         self.blocks_occ = occ;
     }

@@ -7,16 +7,6 @@
 //! that block's key. Two tenants, two adapters or two models therefore never share a key, and an
 //! engine's own block hash is never trusted as an identity: it is only an alias, mapped per event
 //! to the key computed here.
-//!
-//! # Layout
-//!
-//! Chains are cut into groups of [`GROUP`] consecutive blocks. A key is
-//! `[anchor: 24 bits][position in group: 4 bits][hash: 36 bits]`: the anchor is the top 24 bits
-//! of the hash of the group's first block, shared by the whole group, so the index can place a
-//! group's blocks side by side and a query touches memory once per group instead of once per
-//! block. The position lets a writer continue a chain from a parent key alone. Two different
-//! blocks collide only if they agree on all 64 bits; blocks of one group share 28 of them, so
-//! siblings under one anchor are told apart by 36 hash bits.
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
@@ -25,33 +15,12 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockKey(pub u64);
 
-/// Blocks per group: the unit of memory locality in the index.
-pub const GROUP: usize = 16;
-const HASH_BITS: u32 = 36;
-const POS_SHIFT: u32 = HASH_BITS;
-/// Bits of a key above this shift are the group's anchor.
-pub const ANCHOR_SHIFT: u32 = 40;
-
 impl BlockKey {
-    /// The key of a block at `pos` in its chain, given its own hash and its parent's key.
     #[inline]
-    fn compose(hash: u64, parent: u64, pos: usize) -> Self {
-        let p = (pos % GROUP) as u64;
-        let anchor = if p == 0 {
-            hash >> ANCHOR_SHIFT
-        } else {
-            parent >> ANCHOR_SHIFT
-        };
-        let raw = (anchor << ANCHOR_SHIFT) | (p << POS_SHIFT) | (hash & ((1 << HASH_BITS) - 1));
-        // 0 and 1 mark empty and deleted table slots; remapping two values costs nothing
-        // measurable in collisions.
+    fn new(raw: u64) -> Self {
+        // 0 and 1 mark empty and deleted table slots; remapping two values out of 2^64 costs
+        // nothing measurable in collisions.
         BlockKey(if raw < 2 { raw + 2 } else { raw })
-    }
-
-    /// The block's position in its group (its chain position modulo [`GROUP`]).
-    #[inline]
-    pub fn group_pos(self) -> usize {
-        ((self.0 >> POS_SHIFT) & (GROUP as u64 - 1)) as usize
     }
 }
 
@@ -168,24 +137,18 @@ impl KeyHasher {
         xxh3_64_with_seed(&self.buf, prev)
     }
 
-    /// The key of the block at chain position `pos` whose predecessor has key `prev` (for
-    /// `pos == 0`, `prev` is the namespace's root seed).
+    /// The key of a block whose predecessor in the chain has key `prev` (for the first block,
+    /// `prev` is the namespace's root seed).
     #[inline]
-    pub fn next(&mut self, prev: u64, pos: usize, tokens: &[u32]) -> BlockKey {
-        BlockKey::compose(self.hash(prev, tokens), prev, pos)
+    pub fn next(&mut self, prev: u64, tokens: &[u32]) -> BlockKey {
+        BlockKey::new(self.hash(prev, tokens))
     }
 
     /// Like [`KeyHasher::next`], with the block's extra identity folded in.
-    pub fn next_with(
-        &mut self,
-        prev: u64,
-        pos: usize,
-        tokens: &[u32],
-        extras: &BlockExtras,
-    ) -> BlockKey {
+    pub fn next_with(&mut self, prev: u64, tokens: &[u32], extras: &BlockExtras) -> BlockKey {
         let base = self.hash(prev, tokens);
         if extras.is_empty() {
-            return BlockKey::compose(base, prev, pos);
+            return BlockKey::new(base);
         }
         self.buf.clear();
         self.buf.extend_from_slice(b"x");
@@ -198,7 +161,7 @@ impl KeyHasher {
             self.buf.push(b'e');
             push_field(&mut self.buf, d);
         }
-        BlockKey::compose(xxh3_64_with_seed(&self.buf, base), prev, pos)
+        BlockKey::new(xxh3_64_with_seed(&self.buf, base))
     }
 
     /// The keys of every full block of `tokens` in `ns`, in order.
@@ -208,8 +171,8 @@ impl KeyHasher {
             return out;
         }
         let mut prev = ns.root_seed();
-        for (pos, block) in tokens.chunks_exact(block_size).enumerate() {
-            let k = self.next(prev, pos, block);
+        for block in tokens.chunks_exact(block_size) {
+            let k = self.next(prev, block);
             out.push(k);
             prev = k.0;
         }
@@ -289,7 +252,7 @@ mod tests {
     fn extras_change_the_key() {
         let mut h = KeyHasher::new();
         let toks: Vec<u32> = (0..16).collect();
-        let plain = h.next(7, 0, &toks);
+        let plain = h.next(7, &toks);
         let e1 = BlockExtras {
             mm: vec![("img".into(), 3)],
             prompt_embeds: None,
@@ -298,22 +261,9 @@ mod tests {
             mm: vec![("img".into(), -3)],
             prompt_embeds: None,
         };
-        assert_eq!(plain, h.next_with(7, 0, &toks, &BlockExtras::default()));
-        assert_ne!(plain, h.next_with(7, 0, &toks, &e1));
-        assert_ne!(h.next_with(7, 0, &toks, &e1), h.next_with(7, 0, &toks, &e2));
-    }
-
-    #[test]
-    fn groups_share_an_anchor_and_record_positions() {
-        let mut h = KeyHasher::new();
-        let toks: Vec<u32> = (0..16 * 40).collect();
-        let keys = h.chain(&Namespace::model("m"), &toks, 16);
-        for (i, k) in keys.iter().enumerate() {
-            assert_eq!(k.group_pos(), i % GROUP);
-            let first = keys[i - i % GROUP];
-            assert_eq!(k.0 >> ANCHOR_SHIFT, first.0 >> ANCHOR_SHIFT);
-        }
-        assert_ne!(keys[0].0 >> ANCHOR_SHIFT, keys[GROUP].0 >> ANCHOR_SHIFT);
+        assert_eq!(plain, h.next_with(7, &toks, &BlockExtras::default()));
+        assert_ne!(plain, h.next_with(7, &toks, &e1));
+        assert_ne!(h.next_with(7, &toks, &e1), h.next_with(7, &toks, &e2));
     }
 
     #[test]

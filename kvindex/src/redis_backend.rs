@@ -894,9 +894,9 @@ impl RedisIndex {
                             .enumerate()
                             .map(|(i, toks)| {
                                 let k = if mm.is_empty() {
-                                    hasher.next(prev, i, toks)
+                                    hasher.next(prev, toks)
                                 } else {
-                                    hasher.next_with(prev, i, toks, &block_extras(mm, i, bsz))
+                                    hasher.next_with(prev, toks, &block_extras(mm, i, bsz))
                                 };
                                 prev = k.0;
                                 k.0

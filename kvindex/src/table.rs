@@ -12,8 +12,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::key::{BlockKey, ANCHOR_SHIFT};
-
 /// Key of an empty slot.
 pub const EMPTY: u64 = 0;
 /// Key of a deleted slot.
@@ -30,9 +28,6 @@ pub const SLOT_BYTES: usize = std::mem::size_of::<u64>() * 2;
 /// The table. See the module docs for the concurrency contract.
 pub struct Table {
     slots: Box<[Slot]>,
-    /// Home slots by the key's anchor bits (block keys: a chain group lies in one run) rather
-    /// than by the whole key (engine-hash aliases).
-    grouped: bool,
 }
 
 /// The writer's bookkeeping for a table (kept outside it, under the writer's lock).
@@ -50,18 +45,8 @@ fn spread(key: u64) -> u64 {
 }
 
 impl Table {
-    /// A table of `capacity` empty slots (at least 8), homing keys by their whole value.
+    /// A table of `capacity` empty slots (at least 8).
     pub fn new(capacity: usize) -> Self {
-        Self::with_homes(capacity, false)
-    }
-
-    /// A table of `capacity` empty slots homing keys by their anchor bits
-    /// ([`crate::key::ANCHOR_SHIFT`]), so a group of chained blocks lies in one run.
-    pub fn grouped(capacity: usize) -> Self {
-        Self::with_homes(capacity, true)
-    }
-
-    fn with_homes(capacity: usize, grouped: bool) -> Self {
         let capacity = capacity.max(8);
         let slots = (0..capacity)
             .map(|_| Slot {
@@ -69,7 +54,7 @@ impl Table {
                 val: AtomicU64::new(0),
             })
             .collect();
-        Table { slots, grouped }
+        Table { slots }
     }
 
     /// Number of slots.
@@ -86,13 +71,7 @@ impl Table {
     #[inline]
     fn home(&self, key: u64) -> usize {
         // Multiply-shift range reduction: works for any capacity, not only powers of two.
-        let reduce = |h: u64| ((u128::from(spread(h)) * self.slots.len() as u128) >> 64) as usize;
-        if self.grouped {
-            // A group's blocks have consecutive homes after their anchor's.
-            self.wrap(reduce(key >> ANCHOR_SHIFT) + BlockKey(key).group_pos())
-        } else {
-            reduce(key)
-        }
+        ((u128::from(spread(key)) * self.slots.len() as u128) >> 64) as usize
     }
 
     /// `i` reduced into the table, for `i < 2 * capacity`.
@@ -102,40 +81,6 @@ impl Table {
             i - self.slots.len()
         } else {
             i
-        }
-    }
-
-    /// Grouped tables: the home of position 0 of `key`'s group.
-    #[inline]
-    pub fn group_start(&self, key: u64) -> usize {
-        ((u128::from(spread(key >> ANCHOR_SHIFT)) * self.slots.len() as u128) >> 64) as usize
-    }
-
-    /// Reader: visits the live slots from `start` on, as `(index, key, value)`, until an empty
-    /// slot at least `len` slots after `start` (every run starting in `[start, start + len)`
-    /// is covered), or until `f` returns false.
-    #[inline]
-    pub fn for_each_in_span(
-        &self,
-        start: usize,
-        len: usize,
-        mut f: impl FnMut(usize, u64, u64) -> bool,
-    ) {
-        let mut i = start;
-        for off in 0..self.slots.len() {
-            let s = &self.slots[i];
-            let k = s.key.load(Ordering::Acquire);
-            if k == EMPTY {
-                if off >= len {
-                    return;
-                }
-            } else if k != TOMB {
-                let v = s.val.load(Ordering::Acquire);
-                if s.key.load(Ordering::Acquire) == k && !f(i, k, v) {
-                    return;
-                }
-            }
-            i = self.next(i);
         }
     }
 
@@ -381,16 +326,69 @@ impl Table {
     pub fn rebuild(
         &self,
         capacity: usize,
+        keep: impl FnMut(u64, u64) -> bool,
+    ) -> (Table, Occupancy) {
+        self.rebuild_with_more(capacity, 0, keep)
+    }
+
+    /// Like [`Table::rebuild`], for a multimap whose values carry `more` (a bit mask): set on a
+    /// slot exactly when another slot of the same key follows it in probe order, so readers may
+    /// stop at the first slot of a key without it.
+    pub fn rebuild_with_more(
+        &self,
+        capacity: usize,
+        more: u64,
         mut keep: impl FnMut(u64, u64) -> bool,
     ) -> (Table, Occupancy) {
-        let t = Table::with_homes(capacity, self.grouped);
+        let t = Table::new(capacity);
         let mut occ = Occupancy::default();
         self.scan(|_, k, v| {
             if keep(k, v) {
-                t.insert(k, v, &mut occ);
+                // A fresh table has no tombstones: the new slot lands after every slot of its key.
+                if more != 0 {
+                    t.mark_before(k, usize::MAX, more);
+                }
+                t.insert(k, v & !more, &mut occ);
             }
         });
         (t, occ)
+    }
+
+    /// Writer: the distance of slot `idx` from the home of `key` along the probe sequence.
+    #[inline]
+    pub fn probe_distance(&self, key: u64, idx: usize) -> usize {
+        let home = self.home(key);
+        if idx >= home {
+            idx - home
+        } else {
+            idx + self.slots.len() - home
+        }
+    }
+
+    /// Writer: ORs `bits` into every slot of `key` closer to its home than `limit` (a probe
+    /// distance); returns whether any slot of `key` lies at or beyond `limit`.
+    pub fn mark_before(&self, key: u64, limit: usize, bits: u64) -> bool {
+        let mut i = self.home(key);
+        let mut beyond = false;
+        for d in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let k = s.key.load(Ordering::Relaxed);
+            if k == EMPTY {
+                break;
+            }
+            if k == key {
+                if d < limit {
+                    let v = s.val.load(Ordering::Relaxed);
+                    if v & bits != bits {
+                        s.val.store(v | bits, Ordering::Release);
+                    }
+                } else {
+                    beyond = true;
+                }
+            }
+            i = self.next(i);
+        }
+        beyond
     }
 }
 
