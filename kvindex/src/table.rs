@@ -27,8 +27,80 @@ pub const SLOT_BYTES: usize = std::mem::size_of::<u64>() * 2;
 
 /// The table. See the module docs for the concurrency contract.
 pub struct Table {
-    slots: Box<[Slot]>,
+    slots: SlotBuf,
 }
+
+/// The slots' memory: zeroed (all slots empty), aligned to 2 MiB and marked for transparent huge
+/// pages when large, because lookups land on random slots and 4 KiB pages would miss the TLB on
+/// nearly every one.
+struct SlotBuf {
+    ptr: std::ptr::NonNull<Slot>,
+    len: usize,
+    layout: std::alloc::Layout,
+}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+impl SlotBuf {
+    fn zeroed(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<Slot>();
+        let align = if bytes >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            std::mem::align_of::<Slot>()
+        };
+        let layout = match std::alloc::Layout::from_size_align(bytes, align) {
+            Ok(l) => l,
+            Err(_) => std::alloc::handle_alloc_error(std::alloc::Layout::new::<Slot>()),
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: `layout` has a non-zero size (len >= 8). The memory is advised (a hint, no
+        // effect on validity), then fully zeroed before any slot is read; an all-zero `Slot` is
+        // valid (two atomics holding 0, i.e. an empty slot).
+        let ptr = unsafe {
+            let raw = std::alloc::alloc(layout);
+            if raw.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            #[cfg(target_os = "linux")]
+            if align == HUGE_PAGE {
+                libc::madvise(raw.cast(), bytes, libc::MADV_HUGEPAGE);
+            }
+            std::ptr::write_bytes(raw, 0, bytes);
+            std::ptr::NonNull::new_unchecked(raw.cast::<Slot>())
+        };
+        SlotBuf { ptr, len, layout }
+    }
+}
+
+impl std::ops::Deref for SlotBuf {
+    type Target = [Slot];
+    fn deref(&self) -> &[Slot] {
+        #[allow(unsafe_code)]
+        // SAFETY: `ptr` points to `len` initialised slots owned by this buffer until drop.
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr(), self.len)
+        }
+    }
+}
+
+impl Drop for SlotBuf {
+    fn drop(&mut self) {
+        #[allow(unsafe_code)]
+        // SAFETY: allocated in `zeroed` with exactly this layout; `Slot` needs no drop.
+        unsafe {
+            std::alloc::dealloc(self.ptr.as_ptr().cast(), self.layout)
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+// SAFETY: the buffer owns its slots, which are atomics: sharing and sending them is sound, as for
+// `Box<[Slot]>`.
+unsafe impl Send for SlotBuf {}
+#[allow(unsafe_code)]
+// SAFETY: as above; all access goes through the slots' atomics.
+unsafe impl Sync for SlotBuf {}
 
 /// The writer's bookkeeping for a table (kept outside it, under the writer's lock).
 #[derive(Clone, Copy, Debug, Default)]
@@ -47,14 +119,11 @@ fn spread(key: u64) -> u64 {
 impl Table {
     /// A table of `capacity` empty slots (at least 8).
     pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(8);
-        let slots = (0..capacity)
-            .map(|_| Slot {
-                key: AtomicU64::new(EMPTY),
-                val: AtomicU64::new(0),
-            })
-            .collect();
-        Table { slots }
+        // EMPTY is 0: zeroed memory is a table of empty slots.
+        const _: () = assert!(EMPTY == 0);
+        Table {
+            slots: SlotBuf::zeroed(capacity.max(8)),
+        }
     }
 
     /// Number of slots.
