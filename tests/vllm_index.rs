@@ -46,23 +46,42 @@ fn settle(ing: &Ingestor) {
     }
 }
 
+/// The index's predicted hit for `prompt` on engine `id`: asked by token ids, and asked by vLLM's
+/// own block hashes (sha256_cbor, computed here from the tokens); both must agree.
 fn predicted(index: &Index, id: EngineId, prompt: &[u32]) -> u64 {
     let ns = Namespace::model(MODEL);
-    let q = Query {
-        namespace: &ns,
-        blocks: QueryBlocks::Tokens {
-            tokens: prompt,
-            mm: &[],
-        },
-        engines: Some(&[id]),
+    let ask = |blocks| {
+        let q = Query {
+            namespace: &ns,
+            blocks,
+            engines: Some(&[id]),
+        };
+        index
+            .query(&q)
+            .first()
+            .map_or(0, |m| u64::from(m.matched_blocks))
+            * BLOCK as u64
     };
-    let matched = index
-        .query(&q)
-        .first()
-        .map_or(0, |m| u64::from(m.matched_tokens));
+    let by_tokens = ask(QueryBlocks::Tokens {
+        tokens: prompt,
+        mm: &[],
+    });
+    // tests/vllm/engine.py runs vLLM with PYTHONHASHSEED=0, which is then vLLM's NONE_HASH seed.
+    let hasher = VllmHasher::new(VllmHashAlgo::Sha256Cbor, "0");
+    let hashes: Vec<EngineHash> = hasher
+        .hash_blocks(prompt, BLOCK)
+        .expect("hash")
+        .iter()
+        .map(|d| d.engine_hash())
+        .collect();
+    let by_hash = ask(QueryBlocks::VllmHashes(&hashes));
+    assert_eq!(
+        by_tokens, by_hash,
+        "asking by tokens and by vLLM hashes must agree"
+    );
     // vLLM always computes the last prompt token, so a full hit stops one block short.
     let cap = ((prompt.len() as u64 - 1) / BLOCK as u64) * BLOCK as u64;
-    matched.min(cap)
+    by_tokens.min(cap)
 }
 
 #[test]

@@ -188,21 +188,7 @@ impl Table {
     /// Reader: calls `f` with the value of every slot holding `key`, until `f` returns false.
     #[inline]
     pub fn for_each(&self, key: u64, mut f: impl FnMut(u64) -> bool) {
-        let mut i = self.home(key);
-        for _ in 0..self.slots.len() {
-            let s = &self.slots[i];
-            let k = s.key.load(Ordering::Acquire);
-            if k == EMPTY {
-                return;
-            }
-            if k == key {
-                let v = s.val.load(Ordering::Acquire);
-                if s.key.load(Ordering::Acquire) == key && !f(v) {
-                    return;
-                }
-            }
-            i = self.next(i);
-        }
+        self.for_each_indexed(key, |_, v| f(v));
     }
 
     /// Reader: the value of the first slot holding `key`.
