@@ -529,7 +529,21 @@ impl Index {
             .ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
         let mut w = self.inner.writer.lock();
         let mut report = ApplyReport::default();
-        for ev in &batch.events {
+        // vLLM sends one BlockRemoved per evicted block, many per batch: fetch the aliases of the
+        // removals a few events ahead so their cache misses overlap.
+        const REMOVALS_AHEAD: usize = 8;
+        let prefetch_removal = |w: &Writer, ev: Option<&KvEvent>| {
+            if let Some(KvEvent::BlockRemoved(r)) = ev {
+                for h in &r.block_hashes {
+                    w.aliases.prefetch(alias_key(*h));
+                }
+            }
+        };
+        for ev in batch.events.iter().take(REMOVALS_AHEAD) {
+            prefetch_removal(&w, Some(ev));
+        }
+        for (i, ev) in batch.events.iter().enumerate() {
+            prefetch_removal(&w, batch.events.get(i + REMOVALS_AHEAD));
             w.stats.events += 1;
             match ev {
                 KvEvent::BlockStored(s) => {
