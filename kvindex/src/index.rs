@@ -319,10 +319,10 @@ pub struct EngineMatch {
 
 /// Per query scratch, sized to the engine slots.
 struct Walk {
-    /// Tiers on which each engine holds the block being walked (scratch, zero between blocks).
-    pending: Vec<u8>,
     matched: Vec<u32>,
     tiers: Vec<[u32; TIERS]>,
+    /// Per tier: matched blocks whose best tier that is.
+    best: Vec<[u32; TIERS]>,
     score: Vec<f64>,
     allowed: Vec<bool>,
 }
@@ -330,13 +330,52 @@ struct Walk {
 impl Walk {
     fn new(n: usize) -> Self {
         Walk {
-            pending: vec![0; n],
             matched: vec![0; n],
             tiers: vec![[0; TIERS]; n],
+            best: vec![[0; TIERS]; n],
             score: vec![0.0; n],
             allowed: vec![false; n],
         }
     }
+
+    /// Credits `run` blocks held with the per-tier masks `masks` to group `g`'s engines.
+    fn credit(&mut self, g: usize, masks: &[u32; TIERS], run: u32, by_weight: &[usize; TIERS]) {
+        if run == 0 {
+            return;
+        }
+        let base = g * LANES as usize;
+        for (t, &m) in masks.iter().enumerate() {
+            let mut m = m;
+            while m != 0 {
+                let lane = m.trailing_zeros() as usize;
+                m &= m - 1;
+                self.tiers[base + lane][t] += run;
+            }
+        }
+        let mut better = 0u32;
+        for &t in by_weight {
+            let mut m = masks[t] & !better;
+            better |= masks[t];
+            while m != 0 {
+                let lane = m.trailing_zeros() as usize;
+                m &= m - 1;
+                self.best[base + lane][t] += run;
+            }
+        }
+    }
+}
+
+/// A walk's state for one group of 32 engines.
+#[derive(Clone, Copy, Default)]
+struct GroupWalk {
+    /// Engines still on a consecutive run from block 0.
+    active: u32,
+    /// Of those, the ones holding the current block, per tier.
+    holding: [u32; TIERS],
+    /// The holding masks of the blocks since the last change, and how many blocks that is:
+    /// engines are credited per run of identical masks, not per block.
+    prev: [u32; TIERS],
+    run: u32,
 }
 
 struct Inner {
@@ -792,8 +831,11 @@ const BATCH: usize = 16;
 /// Walks a chain of `n` keys (produced lazily by `key_of`) over the block table, advancing every
 /// allowed engine that holds each block consecutively from block 0; stops when none advances.
 ///
-/// Keys come [`BATCH`] at a time, and the home slots of the next batch are prefetched while the
-/// current one is processed, so the table's cache misses overlap each other and the hashing.
+/// Engines are handled 32 at a time as bit masks: an engine leaves its group's active mask at the
+/// first block it lacks (its match length is recorded then), and per-tier counts are kept in
+/// bit-sliced counters, so a block costs a few word operations per group however many engines
+/// hold it. Keys come [`BATCH`] at a time, and the home slots of the next batch are prefetched
+/// while the current one is processed, so cache misses overlap each other and the hashing.
 fn walk_chain(
     blocks: &Table,
     walk: &mut Walk,
@@ -802,6 +844,30 @@ fn walk_chain(
     n: usize,
     mut key_of: impl FnMut(usize) -> Option<u64>,
 ) {
+    let ngroups = walk.matched.len().div_ceil(LANES as usize);
+    let mut groups = vec![GroupWalk::default(); ngroups];
+    let mut live: Vec<usize> = Vec::new();
+    for (g, gw) in groups.iter_mut().enumerate() {
+        for lane in 0..LANES as usize {
+            if walk
+                .allowed
+                .get(g * LANES as usize + lane)
+                .copied()
+                .unwrap_or(false)
+            {
+                gw.active |= 1 << lane;
+            }
+        }
+        if gw.active != 0 {
+            live.push(g);
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    // Tiers from the highest weight down: a block scores the weight of its best tier.
+    let mut by_weight = [0usize, 1, 2, 3];
+    by_weight.sort_by(|a, b| weights[*b].total_cmp(&weights[*a]));
     let mut cur = [0u64; BATCH];
     let mut nxt = [0u64; BATCH];
     let mut fill = |buf: &mut [u64; BATCH], base: usize| -> usize {
@@ -817,65 +883,86 @@ fn walk_chain(
         }
         want
     };
-    let mut touched: Vec<usize> = Vec::with_capacity(16);
+    let mut depth = 0u32;
     let mut base = 0;
     let mut got = fill(&mut cur, 0);
-    while got > 0 {
+    'walk: while got > 0 {
         let next_got = if got == BATCH {
             fill(&mut nxt, base + BATCH)
         } else {
             0
         };
-        for (j, &key) in cur.iter().enumerate().take(got) {
-            let depth = (base + j) as u32;
-            // Engines holding this block (on any tier) that are still on a consecutive run,
-            // with the tiers they hold it on.
-            touched.clear();
+        for &key in cur.iter().take(got) {
             blocks.for_each_indexed(key, |idx, v| {
-                let gbase = (v_group(v) * LANES) as usize;
-                let tier = v_tier(v);
-                let mut mask = v as u32;
-                let mut hit = false;
-                while mask != 0 {
-                    let lane = mask.trailing_zeros();
-                    mask &= mask - 1;
-                    let e = gbase + lane as usize;
-                    if e < walk.matched.len() && walk.allowed[e] && walk.matched[e] == depth {
-                        if walk.pending[e] == 0 {
-                            touched.push(e);
+                let g = v_group(v) as usize;
+                if let Some(gw) = groups.get_mut(g) {
+                    let held = v as u32 & gw.active;
+                    if held != 0 {
+                        gw.holding[v_tier(v)] |= held;
+                        if v_stamp(v) != stamp {
+                            blocks.try_update(idx, key, v, with_stamp(v, stamp));
                         }
-                        walk.pending[e] |= 1 << tier;
-                        hit = true;
                     }
-                }
-                if hit && v_stamp(v) != stamp {
-                    blocks.try_update(idx, key, v, with_stamp(v, stamp));
                 }
                 v & MORE != 0
             });
-            if touched.is_empty() {
-                return;
-            }
-            for &e in &touched {
-                let tiers = walk.pending[e];
-                walk.pending[e] = 0;
-                walk.matched[e] += 1;
-                let mut best = 0.0f64;
-                for (t, w) in weights.iter().enumerate() {
-                    if tiers & (1 << t) != 0 {
-                        walk.tiers[e][t] += 1;
-                        best = best.max(*w);
-                    }
+            let mut advanced = false;
+            live.retain(|&g| {
+                let gw = &mut groups[g];
+                let holding = gw.holding;
+                gw.holding = [0; TIERS];
+                let any = holding.iter().fold(0, |a, m| a | m);
+                if holding != gw.prev {
+                    walk.credit(g, &gw.prev, gw.run, &by_weight);
+                    gw.prev = holding;
+                    gw.run = 0;
                 }
-                walk.score[e] += best;
+                // Engines whose run ends here: their match is `depth` blocks long.
+                let mut ended = gw.active & !any;
+                while ended != 0 {
+                    let lane = ended.trailing_zeros();
+                    ended &= ended - 1;
+                    walk.matched[g * LANES as usize + lane as usize] = depth;
+                }
+                gw.active = any;
+                if any == 0 {
+                    return false;
+                }
+                gw.run += 1;
+                advanced = true;
+                true
+            });
+            if !advanced {
+                break 'walk;
             }
+            depth += 1;
         }
         if got < BATCH {
-            return;
+            break;
         }
         base += BATCH;
         std::mem::swap(&mut cur, &mut nxt);
         got = next_got;
+    }
+    // Engines still running reached the end of the chain.
+    for &g in &live {
+        let gw = groups[g];
+        walk.credit(g, &gw.prev, gw.run, &by_weight);
+        let mut rest = groups[g].active;
+        while rest != 0 {
+            let lane = rest.trailing_zeros();
+            rest &= rest - 1;
+            walk.matched[g * LANES as usize + lane as usize] = depth;
+        }
+    }
+    for e in 0..walk.matched.len() {
+        if walk.allowed[e] && walk.matched[e] > 0 {
+            walk.score[e] = weights
+                .iter()
+                .zip(walk.best[e])
+                .map(|(w, c)| w * f64::from(c))
+                .sum();
+        }
     }
 }
 

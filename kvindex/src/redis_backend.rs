@@ -429,7 +429,8 @@ type Holders = Vec<(u32, u8)>;
 struct Walk {
     matched: Vec<u32>,
     tiers: Vec<[u32; TIERS]>,
-    score: Vec<f64>,
+    /// Per engine and tier: matched blocks whose best tier that is.
+    best: Vec<[u32; TIERS]>,
     allowed: Vec<bool>,
 }
 
@@ -849,7 +850,7 @@ impl RedisIndex {
         let mut walk = Walk {
             matched: vec![0; n],
             tiers: vec![[0; TIERS]; n],
-            score: vec![0.0; n],
+            best: vec![[0; TIERS]; n],
             allowed: Vec::new(),
         };
         let mut vals = vals;
@@ -862,7 +863,7 @@ impl RedisIndex {
             walk.allowed = chain.allowed;
             self.walk_chain(&mut walk, &cache, &blocks);
         }
-        Ok(results(&cache, &walk))
+        Ok(results(&cache, &walk, &self.weights))
     }
 
     /// The chains of keys a query walks, with the engines allowed on each.
@@ -941,14 +942,20 @@ impl RedisIndex {
             for &(e, nib) in &nibs {
                 if walk.allowed[e] && walk.matched[e] == depth as u32 {
                     walk.matched[e] += 1;
-                    let mut best = 0.0f64;
+                    // The block counts for its best tier; the score is the sum over tiers of
+                    // weight times those counts (the memory index's formula, float for float).
+                    let mut top: Option<usize> = None;
                     for t in 0..TIERS {
                         if nib & (1 << t) != 0 {
                             walk.tiers[e][t] += 1;
-                            best = best.max(self.weights[t]);
+                            if top.is_none_or(|b| self.weights[t] > self.weights[b]) {
+                                top = Some(t);
+                            }
                         }
                     }
-                    walk.score[e] += best;
+                    if let Some(t) = top {
+                        walk.best[e][t] += 1;
+                    }
                     advanced = true;
                 }
             }
@@ -973,7 +980,7 @@ fn parse_holders(fields: &HashMap<String, i64>) -> Holders {
 }
 
 /// The engines with at least one matched block, best score first, then by name.
-fn results(cache: &EngineCache, walk: &Walk) -> Vec<EngineMatch> {
+fn results(cache: &EngineCache, walk: &Walk, weights: &[f64; TIERS]) -> Vec<EngineMatch> {
     let mut out: Vec<EngineMatch> = cache
         .list
         .iter()
@@ -985,7 +992,11 @@ fn results(cache: &EngineCache, walk: &Walk) -> Vec<EngineMatch> {
             matched_blocks: walk.matched[i],
             matched_tokens: walk.matched[i] * e.block_size.unwrap_or(0),
             tiers: walk.tiers[i],
-            score: walk.score[i],
+            score: weights
+                .iter()
+                .zip(walk.best[i])
+                .map(|(w, c)| w * f64::from(c))
+                .sum(),
         })
         .collect();
     out.sort_by(|a, b| {

@@ -274,7 +274,7 @@ fn run(backend: &dyn IndexBackend, ops: &[Op]) {
                     if id.is_none() || only.is_some_and(|o| o != e) {
                         continue;
                     }
-                    let (mut n, mut tiers, mut score) = (0u32, [0u32; 4], 0.0f64);
+                    let (mut n, mut tiers, mut best) = (0u32, [0u32; 4], [0u32; 4]);
                     for &key in &keys[seq][..upto] {
                         let held: Vec<Tier> = Tier::ALL
                             .into_iter()
@@ -287,11 +287,15 @@ fn run(backend: &dyn IndexBackend, ops: &[Op]) {
                         for &t in &held {
                             tiers[t as usize] += 1;
                         }
-                        score += held
+                        // A block scores the weight of its best tier.
+                        let top = held
                             .iter()
-                            .map(|&t| weights[t as usize])
-                            .fold(0.0, f64::max);
+                            .copied()
+                            .max_by(|a, b| weights[*a as usize].total_cmp(&weights[*b as usize]))
+                            .expect("held is not empty");
+                        best[top as usize] += 1;
                     }
+                    let score: f64 = (0..4).map(|t| weights[t] * f64::from(best[t])).sum();
                     if n > 0 {
                         want.push((format!("e{e}"), n, tiers, score));
                     }
