@@ -323,6 +323,9 @@ struct Walk {
     tiers: Vec<[u32; TIERS]>,
     /// Per tier: matched blocks whose best tier that is.
     best: Vec<[u32; TIERS]>,
+    /// Where each engine's current run on a tier (and as best tier) began.
+    since: Vec<[u32; TIERS]>,
+    best_since: Vec<[u32; TIERS]>,
     score: Vec<f64>,
     allowed: Vec<bool>,
 }
@@ -333,33 +336,58 @@ impl Walk {
             matched: vec![0; n],
             tiers: vec![[0; TIERS]; n],
             best: vec![[0; TIERS]; n],
+            since: vec![[0; TIERS]; n],
+            best_since: vec![[0; TIERS]; n],
             score: vec![0.0; n],
             allowed: vec![false; n],
         }
     }
 
-    /// Credits `run` blocks held with the per-tier masks `masks` to group `g`'s engines.
-    fn credit(&mut self, g: usize, masks: &[u32; TIERS], run: u32, by_weight: &[usize; TIERS]) {
-        if run == 0 {
-            return;
-        }
+    /// Group `g`'s holding masks change from `old` to `new` at block `depth`: engines whose bit
+    /// turns on start a run there, engines whose bit turns off are credited with theirs.
+    fn transition(
+        &mut self,
+        g: usize,
+        old: &[u32; TIERS],
+        new: &[u32; TIERS],
+        depth: u32,
+        by_weight: &[usize; TIERS],
+    ) {
         let base = g * LANES as usize;
-        for (t, &m) in masks.iter().enumerate() {
-            let mut m = m;
-            while m != 0 {
-                let lane = m.trailing_zeros() as usize;
-                m &= m - 1;
-                self.tiers[base + lane][t] += run;
+        let best = |m: &[u32; TIERS]| {
+            let mut out = [0u32; TIERS];
+            let mut better = 0u32;
+            for &t in by_weight {
+                out[t] = m[t] & !better;
+                better |= m[t];
             }
-        }
-        let mut better = 0u32;
-        for &t in by_weight {
-            let mut m = masks[t] & !better;
-            better |= masks[t];
-            while m != 0 {
-                let lane = m.trailing_zeros() as usize;
-                m &= m - 1;
-                self.best[base + lane][t] += run;
+            out
+        };
+        let (old_best, new_best) = (best(old), best(new));
+        for t in 0..TIERS {
+            let mut on = new[t] & !old[t];
+            while on != 0 {
+                let lane = on.trailing_zeros() as usize;
+                on &= on - 1;
+                self.since[base + lane][t] = depth;
+            }
+            let mut off = old[t] & !new[t];
+            while off != 0 {
+                let lane = off.trailing_zeros() as usize;
+                off &= off - 1;
+                self.tiers[base + lane][t] += depth - self.since[base + lane][t];
+            }
+            let mut on = new_best[t] & !old_best[t];
+            while on != 0 {
+                let lane = on.trailing_zeros() as usize;
+                on &= on - 1;
+                self.best_since[base + lane][t] = depth;
+            }
+            let mut off = old_best[t] & !new_best[t];
+            while off != 0 {
+                let lane = off.trailing_zeros() as usize;
+                off &= off - 1;
+                self.best[base + lane][t] += depth - self.best_since[base + lane][t];
             }
         }
     }
@@ -370,12 +398,21 @@ impl Walk {
 struct GroupWalk {
     /// Engines still on a consecutive run from block 0.
     active: u32,
-    /// Of those, the ones holding the current block, per tier.
-    holding: [u32; TIERS],
-    /// The holding masks of the blocks since the last change, and how many blocks that is:
-    /// engines are credited per run of identical masks, not per block.
-    prev: [u32; TIERS],
-    run: u32,
+    /// Of those, the ones holding the current block: tier t's mask in bits 32t..32t+32 (one
+    /// word, so writing it per slot and reading it per block stay the same width).
+    holding: u128,
+    /// The holding masks of the previous block (an engine is credited when its bit turns off).
+    prev: u128,
+}
+
+#[inline]
+fn unpack(m: u128) -> [u32; TIERS] {
+    [
+        m as u32,
+        (m >> 32) as u32,
+        (m >> 64) as u32,
+        (m >> 96) as u32,
+    ]
 }
 
 struct Inner {
@@ -725,7 +762,7 @@ impl Index {
                 score: walk.score[i],
             });
         }
-        out.sort_by(|a, b| {
+        out.sort_unstable_by(|a, b| {
             b.score
                 .total_cmp(&a.score)
                 .then_with(|| a.name.cmp(&b.name))
@@ -898,7 +935,7 @@ fn walk_chain(
                 if let Some(gw) = groups.get_mut(g) {
                     let held = v as u32 & gw.active;
                     if held != 0 {
-                        gw.holding[v_tier(v)] |= held;
+                        gw.holding |= u128::from(held) << (32 * v_tier(v));
                         if v_stamp(v) != stamp {
                             blocks.try_update(idx, key, v, with_stamp(v, stamp));
                         }
@@ -907,16 +944,24 @@ fn walk_chain(
                 v & MORE != 0
             });
             let mut advanced = false;
-            live.retain(|&g| {
+            let mut k = 0;
+            while k < live.len() {
+                let g = live[k];
                 let gw = &mut groups[g];
                 let holding = gw.holding;
-                gw.holding = [0; TIERS];
-                let any = holding.iter().fold(0, |a, m| a | m);
-                if holding != gw.prev {
-                    walk.credit(g, &gw.prev, gw.run, &by_weight);
-                    gw.prev = holding;
-                    gw.run = 0;
+                gw.holding = 0;
+                let any = {
+                    let h = holding as u64 | (holding >> 64) as u64;
+                    h as u32 | (h >> 32) as u32
+                };
+                if any != 0 && holding == gw.prev {
+                    // The common case: every running engine goes on, on the same tiers.
+                    advanced = true;
+                    k += 1;
+                    continue;
                 }
+                walk.transition(g, &unpack(gw.prev), &unpack(holding), depth, &by_weight);
+                gw.prev = holding;
                 // Engines whose run ends here: their match is `depth` blocks long.
                 let mut ended = gw.active & !any;
                 while ended != 0 {
@@ -926,12 +971,12 @@ fn walk_chain(
                 }
                 gw.active = any;
                 if any == 0 {
-                    return false;
+                    live.swap_remove(k);
+                    continue;
                 }
-                gw.run += 1;
                 advanced = true;
-                true
-            });
+                k += 1;
+            }
             if !advanced {
                 break 'walk;
             }
@@ -947,8 +992,8 @@ fn walk_chain(
     // Engines still running reached the end of the chain.
     for &g in &live {
         let gw = groups[g];
-        walk.credit(g, &gw.prev, gw.run, &by_weight);
-        let mut rest = groups[g].active;
+        walk.transition(g, &unpack(gw.prev), &[0; TIERS], depth, &by_weight);
+        let mut rest = gw.active;
         while rest != 0 {
             let lane = rest.trailing_zeros();
             rest &= rest - 1;
