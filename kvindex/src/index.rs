@@ -5,8 +5,9 @@
 //! * **Blocks** are named by [`BlockKey`]s (see [`crate::key`]). The block table maps a key to
 //!   the engines holding it: one 16-byte slot per (key, group of 32 engines, tier), whose value
 //!   packs a presence bit per engine, the group, the tier, the block's depth in its chain
-//!   (saturating at 63) and a 16-bit recency stamp. A block on one tier of up to 32 engines takes
-//!   one slot.
+//!   (saturating at 31), a "more slots of this key follow" bit (so lookups stop at the first slot
+//!   of most keys) and a 16-bit recency stamp. A block on one tier of up to 32 engines takes one
+//!   slot.
 //! * **Aliases** map an engine's own block hash (opaque, as published in its events) to the key
 //!   kvmesh computed for that block. Aliases are shared between engines: engines with the same hash
 //!   algorithm and seed agree on them, and a 64-bit collision between different ones is counted.
@@ -18,7 +19,8 @@
 //!
 //! One writer at a time (a mutex serialises [`Index::apply`] and the engine operations). Queries
 //! take no lock at all: they read the tables through atomics (see [`crate::table`]) and never wait
-//! behind ingestion. Tables grow (or are cleaned) by building a new table and swapping a pointer;
+//! behind ingestion. A query walks the prompt's chain with the next blocks' keys computed and
+//! their slots prefetched ahead, and follows engines 32 at a time as bit masks. Tables grow (or are cleaned) by building a new table and swapping a pointer;
 //! a query that started on the old table finishes on it.
 //!
 //! # Memory
