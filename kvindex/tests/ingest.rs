@@ -210,3 +210,60 @@ fn orphan_recovered_from_replay_buffer() {
     branch.extend(50_000..50_016);
     assert_eq!(matched(&index, &branch), 7);
 }
+
+#[test]
+fn data_parallel_ranks_are_separate_engines() {
+    let ctx = zmq::Context::new();
+    let ep = format!("tcp://127.0.0.1:{}", free_port());
+    let publ = EventPublisher::start(&ctx, PublisherConfig::new(ep.clone())).unwrap();
+    let index = Index::default();
+    let ing = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
+    ing.add(EngineEndpoint {
+        pod: "pod".into(),
+        model: "m".into(),
+        dp_rank: 0,
+        endpoint: ep,
+        replay_endpoint: None,
+        topic: String::new(),
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    publ.publish(&stored(&[1], None, 0)).unwrap();
+    let mut rank1 = stored(&[2, 3], None, 0);
+    rank1.data_parallel_rank = Some(1);
+    publ.publish(&rank1).unwrap();
+    wait_for("both ranks", || index.engines().len() == 2);
+    let ns = Namespace::model("m");
+    let toks: Vec<u32> = (0..32).collect();
+    wait_for("rank 1 applied", || {
+        let q = Query {
+            namespace: &ns,
+            blocks: QueryBlocks::Tokens {
+                tokens: &toks,
+                mm: &[],
+            },
+            engines: None,
+        };
+        index.query(&q).len() == 2
+    });
+    let q = Query {
+        namespace: &ns,
+        blocks: QueryBlocks::Tokens {
+            tokens: &toks,
+            mm: &[],
+        },
+        engines: None,
+    };
+    let got: Vec<(String, u32)> = index
+        .query(&q)
+        .iter()
+        .map(|m| (m.name.to_string(), m.matched_blocks))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("pod#dp1".to_string(), 2), ("pod".to_string(), 1)]
+    );
+    // Removing the endpoint removes every rank that came through it.
+    ing.remove("pod").unwrap();
+    assert!(index.engines().is_empty());
+}
