@@ -13,6 +13,8 @@ use kvindex::{
 };
 use proptest::prelude::*;
 
+mod common;
+
 const BS: usize = 4;
 const BLOCKS: usize = 8;
 const ENGINES: usize = 3;
@@ -343,4 +345,30 @@ proptest! {
         let backend = Index::new(IndexConfig { initial_slots: 8, ..IndexConfig::default() });
         run(&backend, &ops);
     }
+}
+
+#[test]
+#[cfg(feature = "redis")]
+fn redis_index_matches_the_model() {
+    // One real redis-server (stopped when the test ends); each case gets a fresh key prefix,
+    // i.e. a fresh index.
+    let server = common::RedisServer::start();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 128,
+        ..ProptestConfig::default()
+    });
+    let case = std::sync::atomic::AtomicUsize::new(0);
+    runner
+        .run(&proptest::collection::vec(op(), 1..100), |ops| {
+            let n = case.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let backend = kvindex::RedisIndex::connect(
+                &server.url(),
+                &format!("model{n}"),
+                IndexConfig::default(),
+            )
+            .expect("connect to the test's redis-server");
+            run(&backend, &ops);
+            Ok(())
+        })
+        .unwrap();
 }
