@@ -82,6 +82,8 @@ struct Args {
     capacity: usize,
     requests: Option<usize>,
     queries: usize,
+    /// Skip the dynamo runs (for profiling kvindex alone); writes no JSON.
+    only_kvindex: bool,
 }
 
 fn args() -> Args {
@@ -92,6 +94,7 @@ fn args() -> Args {
         capacity: 32_768,
         requests: None,
         queries: 3000,
+        only_kvindex: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -107,6 +110,7 @@ fn args() -> Args {
             }
             "--requests" => a.requests = it.next().and_then(|v| v.parse().ok()),
             "--queries" => a.queries = it.next().and_then(|v| v.parse().ok()).expect("--queries N"),
+            "--only-kvindex" => a.only_kvindex = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -289,6 +293,18 @@ fn main() {
     let _warm = time_queries(&sample_s, &mut ours_q);
     let ours_lat = time_queries(&sample_s, &mut ours_q);
     let ours_lat8 = time_queries(&long, &mut ours_q);
+
+    if a.only_kvindex {
+        println!(
+            "kvindex only: ingest {:.0} block ops/s, query p50 {:.2} us, p99 {:.2} us, 8k p99 {:.2} us, {:.2} bytes per block",
+            median(ours_ingest),
+            pct(&ours_lat, 0.5),
+            pct(&ours_lat, 0.99),
+            pct(&ours_lat8, 0.99),
+            ours_mem as f64 / distinct.max(1) as f64
+        );
+        return;
+    }
 
     // 3. dynamo: decode with its own vLLM decoder, normalise, and build RouterEvents.
     let decode_dynamo = || -> (Vec<RouterEvent>, f64) {

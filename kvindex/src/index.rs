@@ -434,6 +434,9 @@ struct Writer {
     blocks_occ: Occupancy,
     aliases_occ: Occupancy,
     distinct: usize,
+    /// Keys that lost their last holder since the alias table was last cleaned: an upper bound
+    /// on its dead aliases, which decides between growing it and cleaning it.
+    dead_aliases: usize,
     memberships: usize,
     /// Announcements beyond the first, per (engine, key, tier).
     dups: HashMap<(u32, u64, u8), u32>,
@@ -470,6 +473,7 @@ impl Index {
             blocks_occ: Occupancy::default(),
             aliases_occ: Occupancy::default(),
             distinct: 0,
+            dead_aliases: 0,
             memberships: 0,
             dups: HashMap::new(),
             counts: Vec::new(),
@@ -1347,6 +1351,7 @@ impl Writer {
             self.blocks.remove(idx, &mut self.blocks_occ);
             if self.blocks.get(key).is_none() {
                 self.distinct -= 1;
+                self.dead_aliases += 1;
             }
         } else {
             self.blocks.set_val(idx, nv);
@@ -1373,6 +1378,7 @@ impl Writer {
                 self.blocks.remove(idx, &mut self.blocks_occ);
                 if self.blocks.get(k).is_none() {
                     self.distinct -= 1;
+                    self.dead_aliases += 1;
                 }
             } else {
                 self.blocks.set_val(idx, nv);
@@ -1421,27 +1427,32 @@ impl Writer {
             return false;
         }
         let max = self.max_slots(&inner.config);
-        let blocks = self.blocks.clone();
-        let mut alive = 0usize;
-        self.aliases.scan(|_, _, v| {
-            if blocks.get(v).is_some() {
-                alive += 1;
-            }
-        });
+        let grown = ((cap as f64 * GROWTH) as usize).min(max);
+        let live_est = self.aliases_occ.live.saturating_sub(self.dead_aliases);
+        if self.dead_aliases * 8 < self.aliases_occ.live && cap < max {
+            // Few aliases can be dead: growing is cheaper than checking each one.
+            let (t, occ) = self.aliases.rebuild(grown, |_, _| true);
+            self.aliases = Arc::new(t);
+            self.aliases_occ = occ;
+            return true;
+        }
         let mut target = cap;
-        if alive as f64 > EVICT_TO * cap as f64 {
+        if live_est as f64 > EVICT_TO * cap as f64 {
             if cap < max {
-                target = ((cap as f64 * GROWTH) as usize).min(max);
+                target = grown;
             } else {
                 // At the budget with live aliases: evict blocks so their aliases can go.
                 let want = (self.blocks_occ.live as f64 * 0.8) as usize;
                 self.evict(inner, want);
             }
         }
+        // Drop the aliases of blocks no engine holds any more (kept until now for tier events
+        // that arrive after the block left the GPU, e.g. an offload completing late).
         let blocks = self.blocks.clone();
         let (t, occ) = self.aliases.rebuild(target, |_, v| blocks.get(v).is_some());
         self.aliases = Arc::new(t);
         self.aliases_occ = occ;
+        self.dead_aliases = 0;
         true
     }
 
@@ -1490,6 +1501,7 @@ impl Writer {
                 self.blocks.remove(idx, &mut self.blocks_occ);
                 if self.blocks.get(k).is_none() {
                     self.distinct -= 1;
+                    self.dead_aliases += 1;
                 }
                 self.stats.evicted_blocks += 1;
             }
