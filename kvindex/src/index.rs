@@ -626,6 +626,14 @@ impl Index {
         }
         for (i, ev) in batch.events.iter().enumerate() {
             prefetch_removal(&w, batch.events.get(i + REMOVALS_AHEAD));
+            // Half-way there, the alias is in cache: fetch the block's slot too.
+            if let Some(KvEvent::BlockRemoved(r)) = batch.events.get(i + REMOVALS_AHEAD / 2) {
+                for h in &r.block_hashes {
+                    if let Some(k) = w.resolve(*h) {
+                        w.blocks.prefetch(k);
+                    }
+                }
+            }
             w.stats.events += 1;
             match ev {
                 KvEvent::BlockStored(s) => {
@@ -1449,7 +1457,11 @@ impl Writer {
         // Drop the aliases of blocks no engine holds any more (kept until now for tier events
         // that arrive after the block left the GPU, e.g. an offload completing late).
         let blocks = self.blocks.clone();
-        let (t, occ) = self.aliases.rebuild(target, |_, v| blocks.get(v).is_some());
+        let (t, occ) = self.aliases.rebuild_prefetching(
+            target,
+            |_, v| blocks.prefetch(v),
+            |_, v| blocks.get(v).is_some(),
+        );
         self.aliases = Arc::new(t);
         self.aliases_occ = occ;
         self.dead_aliases = 0;

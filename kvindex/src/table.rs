@@ -409,6 +409,37 @@ impl Table {
         (t, occ)
     }
 
+    /// Writer: like [`Table::rebuild`], calling `ahead(key, value)` on the live slot 16 positions
+    /// before it is judged by `keep`, so `keep`'s own lookups can be prefetched.
+    pub fn rebuild_prefetching(
+        &self,
+        capacity: usize,
+        ahead: impl Fn(u64, u64),
+        mut keep: impl FnMut(u64, u64) -> bool,
+    ) -> (Table, Occupancy) {
+        const AHEAD: usize = 16;
+        let t = Table::new(capacity);
+        let mut occ = Occupancy::default();
+        let n = self.slots.len();
+        for i in 0..n {
+            if let Some(s) = self.slots.get(i + AHEAD) {
+                let k = s.key.load(Ordering::Relaxed);
+                if k > TOMB {
+                    ahead(k, s.val.load(Ordering::Relaxed));
+                }
+            }
+            let s = &self.slots[i];
+            let k = s.key.load(Ordering::Relaxed);
+            if k > TOMB {
+                let v = s.val.load(Ordering::Relaxed);
+                if keep(k, v) {
+                    t.insert(k, v, &mut occ);
+                }
+            }
+        }
+        (t, occ)
+    }
+
     /// Writer: the distance of slot `idx` from the home of `key` along the probe sequence.
     #[inline]
     pub fn probe_distance(&self, key: u64, idx: usize) -> usize {
