@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor, StreamStatus};
 use kvindex::publish::{EventPublisher, PublisherConfig};
 use kvindex::{
-    BlockStored, EngineHash, EventBatch, Index, IndexBackend, KvEvent, Medium, Namespace, Query,
-    QueryBlocks,
+    BlockStored, EngineHash, EventBatch, Index, KvEvent, Medium, Namespace, Query, QueryBlocks,
 };
 
 fn stored(hashes: &[u64], parent: Option<u64>, first_token: u32) -> EventBatch {
@@ -80,6 +79,29 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// An ingestor feeding `index`, subscribed to one engine `pod` at `endpoint`, given a moment to
+/// connect (a ZMQ SUB socket sees nothing until it has joined: the slow-joiner effect).
+fn subscribe(
+    index: &Index,
+    pod: &str,
+    endpoint: &str,
+    replay: Option<&str>,
+    topic: &str,
+) -> Ingestor {
+    let ing = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
+    ing.add(EngineEndpoint {
+        pod: pod.into(),
+        model: "m".into(),
+        dp_rank: 0,
+        endpoint: endpoint.into(),
+        replay_endpoint: replay.map(str::to_owned),
+        topic: topic.into(),
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    ing
+}
+
 #[test]
 fn late_join_gap_restart_and_orphan() {
     let ctx = zmq::Context::new();
@@ -92,19 +114,7 @@ fn late_join_gap_restart_and_orphan() {
     publ.publish(&stored(&[3], Some(2), 32)).unwrap();
 
     let index = Index::default();
-    let backend: Arc<dyn IndexBackend> = Arc::new(index.clone());
-    let ing = Ingestor::new(backend, IngestConfig::default());
-    ing.add(EngineEndpoint {
-        pod: "pod".into(),
-        model: "m".into(),
-        dp_rank: 0,
-        endpoint: ep.clone(),
-        replay_endpoint: Some(rep.clone()),
-        topic: "kv@pod".into(),
-    })
-    .unwrap();
-    // The SUB socket needs a moment to connect before it sees anything (ZMQ slow joiner).
-    std::thread::sleep(Duration::from_millis(300));
+    let ing = subscribe(&index, "pod", &ep, Some(&rep), "kv@pod");
     let all: Vec<u32> = (0..96).collect();
     publ.publish(&stored(&[4], Some(3), 48)).unwrap();
     wait_for("late join replay", || matched(&index, &all) == 4);
@@ -146,17 +156,7 @@ fn orphans_without_replay_are_counted() {
     let ep = format!("tcp://127.0.0.1:{}", free_port());
     let publ = EventPublisher::start(&ctx, PublisherConfig::new(ep.clone())).unwrap();
     let index = Index::default();
-    let ing = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
-    ing.add(EngineEndpoint {
-        pod: "p".into(),
-        model: "m".into(),
-        dp_rank: 0,
-        endpoint: ep,
-        replay_endpoint: None,
-        topic: String::new(),
-    })
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let ing = subscribe(&index, "p", &ep, None, "");
     publ.publish(&stored(&[1], None, 0)).unwrap();
     publ.publish(&stored(&[3], Some(2), 32)).unwrap();
     wait_for("orphan counted", || status(&ing).orphans_unrecovered == 1);
@@ -178,17 +178,7 @@ fn orphan_recovered_from_replay_buffer() {
         ..Default::default()
     };
     let index = Index::new(cfg);
-    let ing = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
-    ing.add(EngineEndpoint {
-        pod: "pod".into(),
-        model: "m".into(),
-        dp_rank: 0,
-        endpoint: ep,
-        replay_endpoint: Some(rep),
-        topic: String::new(),
-    })
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let ing = subscribe(&index, "pod", &ep, Some(&rep), "");
     let n = 3000u64;
     publ.publish(&stored(&[10], None, 0)).unwrap();
     for i in 1..n {
@@ -217,17 +207,7 @@ fn data_parallel_ranks_are_separate_engines() {
     let ep = format!("tcp://127.0.0.1:{}", free_port());
     let publ = EventPublisher::start(&ctx, PublisherConfig::new(ep.clone())).unwrap();
     let index = Index::default();
-    let ing = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
-    ing.add(EngineEndpoint {
-        pod: "pod".into(),
-        model: "m".into(),
-        dp_rank: 0,
-        endpoint: ep,
-        replay_endpoint: None,
-        topic: String::new(),
-    })
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let ing = subscribe(&index, "pod", &ep, None, "");
     publ.publish(&stored(&[1], None, 0)).unwrap();
     let mut rank1 = stored(&[2, 3], None, 0);
     rank1.data_parallel_rank = Some(1);
