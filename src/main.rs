@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod serve;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,9 @@ enum Command {
     /// every request by kvindex's scores, and compares the cluster's prefix-cache hit rate with
     /// round-robin and random routing on the same trace.
     Demo(DemoArgs),
+    /// Runs the index as a daemon: ingests vLLM KV events over ZMQ and answers score requests
+    /// over HTTP.
+    Serve(serve::ServeArgs),
 }
 
 /// Options of `kvmesh demo`.
@@ -61,5 +65,6 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Demo(a) => demo::run(&a),
+        Command::Serve(a) => serve::run(&a),
     }
 }

@@ -1,0 +1,597 @@
+//! `kvmesh serve`: kvindex and its ingestion as a daemon with an HTTP/JSON API.
+//!
+//! Configuration comes from defaults, then a TOML file (`--config`), then the environment
+//! (`KVMESH_*`), then flags; later sources win, and `--engine` flags add to the file's engines.
+//! `--print-config` prints the merged result as TOML and exits.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor};
+use kvindex::{EngineHash, EngineId, Index, IndexConfig, Namespace, Query, QueryBlocks, Tier};
+use serde::{Deserialize, Serialize};
+
+/// Options of `kvmesh serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// A TOML configuration file.
+    #[arg(long, env = "KVMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the HTTP API [default: 127.0.0.1:8080].
+    #[arg(long, env = "KVMESH_LISTEN")]
+    pub listen: Option<String>,
+    /// Model of engines added without one [default: "default"].
+    #[arg(long, env = "KVMESH_MODEL")]
+    pub model: Option<String>,
+    /// Memory budget of the index, in bytes [default: 1 GiB].
+    #[arg(long, env = "KVMESH_BYTE_BUDGET")]
+    pub byte_budget: Option<u64>,
+    /// Largest accepted request body, in bytes [default: 8 MiB].
+    #[arg(long, env = "KVMESH_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// An engine to subscribe to: NAME=tcp://HOST:PORT[,replay=tcp://HOST:PORT][,model=M][,dp=R]
+    /// (repeatable; adds to the configuration file's engines).
+    #[arg(long = "engine", value_name = "SPEC")]
+    pub engines: Vec<String>,
+    /// Print the merged configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+/// Tier weights of scores.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TierWeights {
+    pub gpu: f64,
+    pub cpu: f64,
+    pub storage: f64,
+    pub remote: f64,
+}
+
+/// One engine to subscribe to.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EngineConfig {
+    pub name: String,
+    pub endpoint: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub dp_rank: u32,
+    #[serde(default)]
+    pub topic: String,
+}
+
+/// The daemon's configuration.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub listen: String,
+    pub model: String,
+    pub byte_budget: u64,
+    pub max_request_bytes: usize,
+    pub tier_weights: TierWeights,
+    pub engines: Vec<EngineConfig>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        let w = IndexConfig::default().tier_weights;
+        ServeConfig {
+            listen: "127.0.0.1:8080".into(),
+            model: "default".into(),
+            byte_budget: IndexConfig::default().byte_budget as u64,
+            max_request_bytes: 8 << 20,
+            tier_weights: TierWeights {
+                gpu: w[0],
+                cpu: w[1],
+                storage: w[2],
+                remote: w[3],
+            },
+            engines: Vec::new(),
+        }
+    }
+}
+
+/// Parses `NAME=ENDPOINT[,replay=EP][,model=M][,dp=R][,topic=T]`.
+pub fn parse_engine(spec: &str) -> Result<EngineConfig> {
+    let (name, rest) = spec.split_once('=').with_context(|| {
+        format!("--engine {spec:?}: expected NAME=tcp://HOST:PORT[,replay=...]")
+    })?;
+    let mut parts = rest.split(',');
+    let endpoint = parts.next().unwrap_or_default().to_owned();
+    if name.is_empty() || endpoint.is_empty() {
+        bail!("--engine {spec:?}: the name and the endpoint must not be empty");
+    }
+    let mut e = EngineConfig {
+        name: name.to_owned(),
+        endpoint,
+        replay_endpoint: None,
+        model: None,
+        dp_rank: 0,
+        topic: String::new(),
+    };
+    for p in parts {
+        match p.split_once('=') {
+            Some(("replay", v)) => e.replay_endpoint = Some(v.to_owned()),
+            Some(("model", v)) => e.model = Some(v.to_owned()),
+            Some(("dp", v)) => {
+                e.dp_rank = v
+                    .parse()
+                    .with_context(|| format!("--engine {spec:?}: dp={v:?} is not a rank"))?
+            }
+            Some(("topic", v)) => e.topic = v.to_owned(),
+            _ => bail!("--engine {spec:?}: unknown option {p:?} (replay=, model=, dp=, topic=)"),
+        }
+    }
+    Ok(e)
+}
+
+/// Merges defaults, the file, the environment and the flags (clap has already put the
+/// environment under the flags it names).
+pub fn load_config(args: &ServeArgs) -> Result<ServeConfig> {
+    let mut c = match &args.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+        }
+        None => ServeConfig::default(),
+    };
+    if let Some(v) = &args.listen {
+        c.listen = v.clone();
+    }
+    if let Some(v) = &args.model {
+        c.model = v.clone();
+    }
+    if let Some(v) = args.byte_budget {
+        c.byte_budget = v;
+    }
+    if let Some(v) = args.max_request_bytes {
+        c.max_request_bytes = v;
+    }
+    for e in &args.engines {
+        c.engines.push(parse_engine(e)?);
+    }
+    let mut seen = std::collections::HashSet::new();
+    for e in &c.engines {
+        if !seen.insert(&e.name) {
+            bail!("engine {:?} is configured twice", e.name);
+        }
+    }
+    Ok(c)
+}
+
+/// Latency histogram buckets of `/metrics`, in seconds.
+const BUCKETS: [f64; 12] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 1e-1,
+];
+
+struct App {
+    config: ServeConfig,
+    index: Index,
+    ingestor: Ingestor,
+    endpoints: parking_lot::Mutex<std::collections::HashMap<String, EngineConfig>>,
+    scores: AtomicU64,
+    bad_requests: AtomicU64,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_sum_ns: AtomicU64,
+}
+
+type Shared = Arc<App>;
+
+fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
+}
+
+fn bad(app: &App, rej: JsonRejection) -> Response {
+    app.bad_requests.fetch_add(1, Ordering::Relaxed);
+    let status = match rej.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    json_error(status, rej.body_text())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScoreRequest {
+    model: String,
+    #[serde(default)]
+    token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    block_hashes: Option<Vec<u64>>,
+    #[serde(default)]
+    lora_name: Option<String>,
+    #[serde(default)]
+    cache_salt: Option<String>,
+    #[serde(default)]
+    engines: Option<Vec<String>>,
+}
+
+async fn score(
+    State(app): State<Shared>,
+    body: Result<Json<ScoreRequest>, JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(rej) => return bad(&app, rej),
+    };
+    let ns = Namespace {
+        model: req.model.clone(),
+        lora_name: req.lora_name.clone(),
+        cache_salt: req.cache_salt.clone(),
+    };
+    let filter: Option<Vec<EngineId>> = match &req.engines {
+        None => None,
+        Some(names) => {
+            let mut ids = Vec::new();
+            for n in names {
+                match app.index.engine_by_name(n) {
+                    Some(id) => ids.push(id),
+                    None => {
+                        app.bad_requests.fetch_add(1, Ordering::Relaxed);
+                        return json_error(StatusCode::NOT_FOUND, format!("unknown engine {n:?}"));
+                    }
+                }
+            }
+            Some(ids)
+        }
+    };
+    let hashes: Vec<EngineHash>;
+    let blocks = match (&req.token_ids, &req.block_hashes) {
+        (Some(t), None) => QueryBlocks::Tokens { tokens: t, mm: &[] },
+        (None, Some(h)) => {
+            hashes = h.iter().map(|&x| EngineHash(x)).collect();
+            QueryBlocks::VllmHashes(&hashes)
+        }
+        _ => {
+            app.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of token_ids and block_hashes",
+            );
+        }
+    };
+    let t = Instant::now();
+    let matches = app.index.query(&Query {
+        namespace: &ns,
+        blocks,
+        engines: filter.as_deref(),
+    });
+    let secs = t.elapsed().as_secs_f64();
+    app.scores.fetch_add(1, Ordering::Relaxed);
+    app.latency_sum_ns
+        .fetch_add((secs * 1e9) as u64, Ordering::Relaxed);
+    if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+        app.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+    let engines: Vec<serde_json::Value> = matches
+        .iter()
+        .map(|m| {
+            serde_json::json!({
+                "name": &*m.name,
+                "matched_blocks": m.matched_blocks,
+                "matched_tokens": m.matched_tokens,
+                "tiers": { "gpu": m.tiers[0], "cpu": m.tiers[1], "storage": m.tiers[2], "remote": m.tiers[3] },
+                "score": m.score,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({ "engines": engines })).into_response()
+}
+
+async fn list_engines(State(app): State<Shared>) -> Response {
+    let status = app.ingestor.status();
+    let stats = app.index.engine_stats();
+    let endpoints = app.endpoints.lock().clone();
+    let mut out = Vec::new();
+    for s in &status {
+        let st = stats.iter().find(|e| *e.name == s.name);
+        let base = s.name.split("#dp").next().unwrap_or(&s.name);
+        let ep = endpoints.get(base);
+        let state = if s.last_seq.is_none() && s.batches == 0 {
+            "waiting"
+        } else if s.connected {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        out.push(serde_json::json!({
+            "name": s.name,
+            "model": st.map(|e| e.spec.model.clone()),
+            "endpoint": ep.map(|e| e.endpoint.clone()),
+            "replay_endpoint": ep.and_then(|e| e.replay_endpoint.clone()),
+            "state": state,
+            "last_seq": s.last_seq,
+            "lag_seconds": s.lag_s,
+            "batches": s.batches,
+            "events": s.events,
+            "gaps": s.gaps,
+            "replays": s.replays,
+            "lost_batches": s.lost_batches,
+            "restarts": s.restarts,
+            "disconnects": s.disconnects,
+            "orphans": s.orphans,
+            "orphans_unrecovered": s.orphans_unrecovered,
+            "blocks": st.map(|e| serde_json::json!({
+                "gpu": e.blocks[Tier::Gpu as usize], "cpu": e.blocks[Tier::Cpu as usize],
+                "storage": e.blocks[Tier::Storage as usize], "remote": e.blocks[Tier::Remote as usize],
+            })),
+            "block_size": st.and_then(|e| e.block_size),
+            "last_error": s.last_error,
+        }));
+    }
+    Json(serde_json::json!({ "engines": out })).into_response()
+}
+
+fn subscribe(app: &App, e: &EngineConfig) -> kvindex::Result<()> {
+    app.ingestor.add(EngineEndpoint {
+        pod: e.name.clone(),
+        model: e.model.clone().unwrap_or_else(|| app.config.model.clone()),
+        dp_rank: e.dp_rank,
+        endpoint: e.endpoint.clone(),
+        replay_endpoint: e.replay_endpoint.clone(),
+        topic: e.topic.clone(),
+    })?;
+    app.endpoints.lock().insert(e.name.clone(), e.clone());
+    Ok(())
+}
+
+async fn add_engine(
+    State(app): State<Shared>,
+    body: Result<Json<EngineConfig>, JsonRejection>,
+) -> Response {
+    let Json(e) = match body {
+        Ok(b) => b,
+        Err(rej) => return bad(&app, rej),
+    };
+    if e.name.is_empty() || e.name.contains('#') || !e.endpoint.starts_with("tcp://") {
+        app.bad_requests.fetch_add(1, Ordering::Relaxed);
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "an engine needs a name (without '#') and a tcp:// endpoint",
+        );
+    }
+    if app.endpoints.lock().contains_key(&e.name) {
+        return json_error(
+            StatusCode::CONFLICT,
+            format!("engine {:?} is already registered", e.name),
+        );
+    }
+    match subscribe(&app, &e) {
+        Ok(()) => (
+            StatusCode::CREATED,
+            Json(serde_json::json!({ "name": e.name })),
+        )
+            .into_response(),
+        Err(err) => json_error(StatusCode::BAD_REQUEST, err.to_string()),
+    }
+}
+
+async fn remove_engine(State(app): State<Shared>, Path(name): Path<String>) -> Response {
+    let known = app.endpoints.lock().remove(&name).is_some();
+    if !known {
+        return json_error(StatusCode::NOT_FOUND, format!("unknown engine {name:?}"));
+    }
+    match app.ingestor.remove(&name) {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(err) => json_error(StatusCode::INTERNAL_SERVER_ERROR, err.to_string()),
+    }
+}
+
+async fn metrics(State(app): State<Shared>) -> Response {
+    use std::fmt::Write;
+    let s = app.index.stats();
+    let status = app.ingestor.status();
+    let sum = |f: fn(&kvindex::ingest::StreamStatus) -> u64| status.iter().map(f).sum::<u64>();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, v: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+        );
+    };
+    counter("kvmesh_index_events_total", "KV events applied.", s.events);
+    counter(
+        "kvmesh_index_blocks_stored_total",
+        "Block announcements applied.",
+        s.blocks_stored,
+    );
+    counter(
+        "kvmesh_index_blocks_removed_total",
+        "Block removals applied.",
+        s.blocks_removed,
+    );
+    counter(
+        "kvmesh_ingest_batches_total",
+        "Event batches applied.",
+        sum(|x| x.batches),
+    );
+    counter(
+        "kvmesh_ingest_gaps_total",
+        "Sequence gaps seen.",
+        sum(|x| x.gaps),
+    );
+    counter(
+        "kvmesh_ingest_replays_total",
+        "Replays requested.",
+        sum(|x| x.replays),
+    );
+    counter(
+        "kvmesh_ingest_lost_batches_total",
+        "Batches that could not be recovered.",
+        sum(|x| x.lost_batches),
+    );
+    counter(
+        "kvmesh_ingest_restarts_total",
+        "Engine restarts detected.",
+        sum(|x| x.restarts),
+    );
+    counter(
+        "kvmesh_index_orphans_total",
+        "Stored events with an unknown parent.",
+        s.orphans,
+    );
+    counter(
+        "kvmesh_index_orphans_unrecovered_total",
+        "Orphans that could not be recovered.",
+        s.orphans_unrecovered,
+    );
+    counter(
+        "kvmesh_index_evicted_blocks_total",
+        "Blocks evicted to stay within the byte budget.",
+        s.evicted_blocks,
+    );
+    counter(
+        "kvmesh_http_bad_requests_total",
+        "Requests refused as malformed.",
+        app.bad_requests.load(Ordering::Relaxed),
+    );
+    let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(
+        &mut out,
+        "kvmesh_index_bytes",
+        "Bytes held by the index's tables.",
+        s.bytes as f64,
+    );
+    gauge(
+        &mut out,
+        "kvmesh_index_blocks",
+        "Distinct blocks held by some engine.",
+        s.blocks as f64,
+    );
+    gauge(
+        &mut out,
+        "kvmesh_index_bytes_per_block",
+        "Index bytes per distinct block.",
+        s.bytes_per_block,
+    );
+    gauge(
+        &mut out,
+        "kvmesh_index_engines",
+        "Registered engines.",
+        s.engines as f64,
+    );
+    let name = "kvmesh_index_query_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Score query latency.\n# TYPE {name} histogram"
+    );
+    let mut cum = 0;
+    for (b, c) in BUCKETS.iter().zip(&app.latency_buckets) {
+        cum += c.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+    }
+    let total = app.scores.load(Ordering::Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+    let _ = writeln!(
+        out,
+        "{name}_sum {}",
+        app.latency_sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+    );
+    let _ = writeln!(out, "{name}_count {total}");
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<Shared>) -> Response {
+    // Ready once every configured engine is subscribed (registration happens before listening,
+    // so this holds unless one was removed by hand).
+    let missing: Vec<String> = app
+        .config
+        .engines
+        .iter()
+        .filter(|e| !app.endpoints.lock().contains_key(&e.name))
+        .map(|e| e.name.clone())
+        .collect();
+    if missing.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("engines not subscribed: {missing:?}"),
+        )
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let config = load_config(args)?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string_pretty(&config).context("printing the configuration")?
+        );
+        return Ok(());
+    }
+    let w = &config.tier_weights;
+    let index = Index::new(IndexConfig {
+        byte_budget: usize::try_from(config.byte_budget).unwrap_or(usize::MAX),
+        tier_weights: [w.gpu, w.cpu, w.storage, w.remote],
+        ..IndexConfig::default()
+    });
+    let ingestor = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
+    let app = Arc::new(App {
+        config: config.clone(),
+        index,
+        ingestor,
+        endpoints: parking_lot::Mutex::new(Default::default()),
+        scores: AtomicU64::new(0),
+        bad_requests: AtomicU64::new(0),
+        latency_buckets: Default::default(),
+        latency_sum_ns: AtomicU64::new(0),
+    });
+    for e in &config.engines {
+        subscribe(&app, e).with_context(|| format!("subscribing to engine {:?}", e.name))?;
+    }
+    let addr: SocketAddr = config
+        .listen
+        .parse()
+        .with_context(|| format!("listen address {:?}", config.listen))?;
+    let router = Router::new()
+        .route("/v1/score", post(score))
+        .route("/v1/engines", get(list_engines).post(add_engine))
+        .route("/v1/engines/{name}", delete(remove_engine))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(config.max_request_bytes))
+        .with_state(app);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        eprintln!("kvmesh serve: listening on http://{}", listener.local_addr()?);
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+                }
+            })
+            .await
+            .context("serving")
+    })
+}

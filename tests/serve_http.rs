@@ -1,0 +1,273 @@
+//! `kvmesh serve` as a real process: static engines from flags, the HTTP API (score by tokens and
+//! by vLLM hashes, engines listed, added and removed, metrics, health), malformed and oversized
+//! requests refused with 4xx, and `--print-config` merging a file with flags.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::free_port;
+use kvindex::publish::{EventPublisher, PublisherConfig};
+use kvindex::{BlockStored, EngineHash, EventBatch, KvEvent, Medium};
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn post(url: &str, body: &str) -> (u16, String) {
+    let mut r = agent()
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)
+        .expect("request reaches the server");
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap_or_default(),
+    )
+}
+
+fn get(url: &str) -> (u16, String) {
+    let mut r = agent().get(url).call().expect("request reaches the server");
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap_or_default(),
+    )
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stored(hashes: &[u64], parent: Option<u64>, first: u32) -> EventBatch {
+    let n = hashes.len() as u32;
+    EventBatch {
+        ts: 1.0,
+        events: vec![KvEvent::BlockStored(BlockStored {
+            block_hashes: hashes.iter().map(|&h| EngineHash(h)).collect(),
+            parent_block_hash: parent.map(EngineHash),
+            token_ids: (first..first + 16 * n).collect(),
+            block_size: 16,
+            medium: Some(Medium::Gpu),
+            ..Default::default()
+        })],
+        data_parallel_rank: Some(0),
+    }
+}
+
+#[test]
+fn serve_http_api() {
+    let ctx = zmq::Context::new();
+    let (pub_port, replay_port, http) = (free_port(), free_port(), free_port());
+    let publ = EventPublisher::start(
+        &ctx,
+        PublisherConfig {
+            replay_endpoint: Some(format!("tcp://127.0.0.1:{replay_port}")),
+            ..PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}"))
+        },
+    )
+    .expect("publisher");
+    let base = format!("http://127.0.0.1:{http}");
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--model",
+                "m",
+            ])
+            .args(["--max-request-bytes", "65536"])
+            .arg("--engine")
+            .arg(format!(
+                "e1=tcp://127.0.0.1:{pub_port},replay=tcp://127.0.0.1:{replay_port}"
+            ))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("kvmesh serve starts"),
+    );
+    wait_for("healthz", || {
+        agent()
+            .get(&format!("{base}/healthz"))
+            .call()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+    assert_eq!(get(&format!("{base}/readyz")).0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    publ.publish(&stored(&[1, 2], None, 0)).unwrap();
+    publ.publish(&stored(&[3], Some(2), 32)).unwrap();
+
+    // Score by tokens: e1 holds the first 3 blocks of a 4-block prompt.
+    let tokens: Vec<u32> = (0..64).collect();
+    let body = serde_json::json!({ "model": "m", "token_ids": tokens }).to_string();
+    wait_for("the events to be ingested", || {
+        let (code, text) = post(&format!("{base}/v1/score"), &body);
+        code == 200 && text.contains("\"matched_blocks\":3")
+    });
+    let (_, text) = post(&format!("{base}/v1/score"), &body);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["engines"][0]["name"], "e1");
+    assert_eq!(v["engines"][0]["matched_tokens"], 48);
+    assert_eq!(v["engines"][0]["tiers"]["gpu"], 3);
+    // By vLLM (engine) hashes, and with an engine filter; another model sees nothing.
+    let (code, text) = post(
+        &format!("{base}/v1/score"),
+        r#"{"model":"m","block_hashes":[1,2],"engines":["e1"]}"#,
+    );
+    assert_eq!(code, 200);
+    assert!(text.contains("\"matched_blocks\":2"), "{text}");
+    let (_, text) = post(
+        &format!("{base}/v1/score"),
+        &body.replace("\"m\"", "\"other\""),
+    );
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["engines"],
+        serde_json::json!([])
+    );
+
+    // Engines: listed with their stream's state; added and removed at run time.
+    let (code, text) = get(&format!("{base}/v1/engines"));
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["engines"][0]["name"], "e1");
+    assert_eq!(v["engines"][0]["state"], "connected");
+    assert_eq!(v["engines"][0]["last_seq"], 1);
+    assert_eq!(v["engines"][0]["blocks"]["gpu"], 3);
+    let e2 = format!(
+        r#"{{"name":"e2","endpoint":"tcp://127.0.0.1:{}","model":"m"}}"#,
+        free_port()
+    );
+    assert_eq!(post(&format!("{base}/v1/engines"), &e2).0, 201);
+    assert_eq!(post(&format!("{base}/v1/engines"), &e2).0, 409);
+    let del = |name: &str| {
+        agent()
+            .delete(&format!("{base}/v1/engines/{name}"))
+            .call()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(del("e2"), 204);
+    assert_eq!(del("e2"), 404);
+
+    // Bad requests get a 4xx with a message, and the server goes on.
+    for (bad, want) in [
+        ("{not json", 400),
+        (r#"{"model":"m"}"#, 400),
+        (r#"{"model":"m","token_ids":[1],"block_hashes":[1]}"#, 400),
+        (r#"{"model":"m","token_ids":[-1]}"#, 400),
+        (r#"{"model":"m","token_ids":[1],"surprise":1}"#, 400),
+        (r#"{"model":"m","token_ids":[1],"engines":["nope"]}"#, 404),
+    ] {
+        let (code, text) = post(&format!("{base}/v1/score"), bad);
+        assert_eq!(code, want, "{bad}: {text}");
+        assert!(text.contains("error"), "{bad}: {text}");
+    }
+    let huge = serde_json::json!({ "model": "m", "token_ids": vec![7u32; 40_000] }).to_string();
+    assert_eq!(post(&format!("{base}/v1/score"), &huge).0, 413);
+    assert_eq!(
+        post(
+            &format!("{base}/v1/engines"),
+            r#"{"name":"x","endpoint":"http://nope"}"#
+        )
+        .0,
+        400
+    );
+
+    // Metrics.
+    let (code, text) = get(&format!("{base}/metrics"));
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("kvmesh_index_blocks_stored_total 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kvmesh_index_query_duration_seconds_count"),
+        "{text}"
+    );
+    assert!(text.contains("kvmesh_http_bad_requests_total 8"), "{text}");
+}
+
+#[test]
+fn print_config_merges_file_env_and_flags() {
+    let dir = std::env::temp_dir().join(format!("kvmesh-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kvmesh.toml");
+    std::fs::write(
+        &file,
+        "listen = \"127.0.0.1:9000\"\nmodel = \"from-file\"\nbyte_budget = 1000000\n\n[[engines]]\nname = \"a\"\nendpoint = \"tcp://10.0.0.1:5557\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .args([
+            "--listen",
+            "0.0.0.0:8181",
+            "--engine",
+            "b=tcp://10.0.0.2:5557,replay=tcp://10.0.0.2:5558,dp=1",
+        ])
+        .env("KVMESH_MODEL", "from-env")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: toml::Value = toml::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(
+        cfg["listen"].as_str(),
+        Some("0.0.0.0:8181"),
+        "flags win over the file"
+    );
+    assert_eq!(
+        cfg["model"].as_str(),
+        Some("from-env"),
+        "the environment wins over the file"
+    );
+    assert_eq!(cfg["byte_budget"].as_integer(), Some(1_000_000));
+    let engines = cfg["engines"].as_array().unwrap();
+    assert_eq!(engines.len(), 2);
+    assert_eq!(
+        engines[1]["replay_endpoint"].as_str(),
+        Some("tcp://10.0.0.2:5558")
+    );
+    assert_eq!(engines[1]["dp_rank"].as_integer(), Some(1));
+    // A bad engine flag and an unknown key are clear errors.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(["serve", "--print-config", "--engine", "nameonly"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NAME=tcp://"));
+    std::fs::write(&file, "listen = \"x\"\nsurprise = 1\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(["serve", "--print-config", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("surprise"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
