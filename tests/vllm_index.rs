@@ -1,5 +1,6 @@
 //! End to end with real vLLM: two engines (CPU build, tiny random-weight model) publish KV events
-//! over ZMQ; kvindex ingests them. Before each request, the index's predicted prefix hit for the
+//! over ZMQ; kvindex ingests them in process, and a `kvmesh serve` daemon ingests them too and is
+//! asked over HTTP. Before each request, the index's predicted prefix hit for the
 //! target engine must equal the `cached_tokens` vLLM then reports. One engine has a KV cache small
 //! enough to force evictions; the other is killed and restarted half-way.
 
@@ -84,6 +85,59 @@ fn predicted(index: &Index, id: EngineId, prompt: &[u32]) -> u64 {
     by_tokens.min(cap)
 }
 
+/// `kvmesh serve` as a child process, killed at the end.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The daemon's prediction over HTTP, once it has applied as many batches of each engine as the
+/// in-process ingestor (both read the same streams).
+fn daemon_prediction(base: &str, ing: &Ingestor, engine: &str, prompt: &[u32]) -> u64 {
+    let want: std::collections::HashMap<String, u64> = ing
+        .status()
+        .into_iter()
+        .map(|s| (s.name.clone(), s.batches))
+        .collect();
+    let t = Instant::now();
+    loop {
+        let v: serde_json::Value = ureq::get(&format!("{base}/v1/engines"))
+            .call()
+            .expect("GET /v1/engines")
+            .body_mut()
+            .read_json()
+            .expect("engines JSON");
+        let caught_up = v["engines"].as_array().is_some_and(|list| {
+            want.iter().all(|(name, n)| {
+                list.iter()
+                    .any(|e| e["name"] == name.as_str() && e["batches"].as_u64() >= Some(*n))
+            })
+        });
+        if caught_up {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the daemon never caught up: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let body = serde_json::json!({ "model": MODEL, "token_ids": prompt, "engines": [engine] });
+    let v: serde_json::Value = ureq::post(&format!("{base}/v1/score"))
+        .send_json(&body)
+        .expect("POST /v1/score")
+        .body_mut()
+        .read_json()
+        .expect("score JSON");
+    let matched = v["engines"][0]["matched_tokens"].as_u64().unwrap_or(0);
+    let cap = ((prompt.len() as u64 - 1) / BLOCK as u64) * BLOCK as u64;
+    matched.min(cap)
+}
+
 #[test]
 fn index_predicts_vllm_prefix_hits() {
     require_vllm();
@@ -109,6 +163,40 @@ fn index_predicts_vllm_prefix_hits() {
             .expect("subscribe"),
         );
     }
+    // The daemon subscribes to the same engines (PUB and replay sockets serve many readers).
+    let http = common::free_port();
+    let _daemon = Daemon(
+        std::process::Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--model",
+                MODEL,
+            ])
+            .arg("--engine")
+            .arg(format!(
+                "e1={},replay={}",
+                e1.pub_endpoint, e1.replay_endpoint
+            ))
+            .arg("--engine")
+            .arg(format!(
+                "e2={},replay={}",
+                e2.pub_endpoint, e2.replay_endpoint
+            ))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("kvmesh serve starts"),
+    );
+    let base = format!("http://127.0.0.1:{http}");
+    let t = Instant::now();
+    while ureq::get(&format!("{base}/healthz")).call().is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "kvmesh serve did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::thread::sleep(Duration::from_millis(500));
 
     // Prompts share prefixes: a few documents, cut at random lengths, plus a random tail.
@@ -132,13 +220,14 @@ fn index_predicts_vllm_prefix_hits() {
         settle(&ing);
         let engine = if target == 0 { &e1 } else { &e2 };
         let want = predicted(&index, ids[target], &prompt);
+        let by_daemon = daemon_prediction(&base, &ing, &engine.name, &prompt);
         let resp = engine.complete(&prompt);
         let got = Engine::cached_tokens(&resp);
         checked += 1;
         hits += got;
-        if want != got {
+        if want != got || by_daemon != got {
             mismatches.push(format!(
-                "request {i} to {}: {} tokens, index predicted {want}, vLLM cached {got}",
+                "request {i} to {}: {} tokens, index predicted {want}, daemon {by_daemon}, vLLM cached {got}",
                 engine.name,
                 prompt.len()
             ));
