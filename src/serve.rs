@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -196,14 +197,31 @@ fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": msg.into() }))).into_response()
 }
 
-fn bad(app: &App, rej: JsonRejection) -> Response {
-    app.bad_requests.fetch_add(1, Ordering::Relaxed);
-    let status = match rej.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        _ => StatusCode::BAD_REQUEST,
+/// A request body as JSON, whatever its content type says (`curl -d` sends a form type); a body
+/// over the size limit is a 413, anything unparsable a 400 naming the problem.
+fn parse_body<T: serde::de::DeserializeOwned>(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, Response> {
+    let bytes = match body {
+        Ok(b) => b,
+        Err(rej) => {
+            app.bad_requests.fetch_add(1, Ordering::Relaxed);
+            let status = if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return Err(json_error(status, rej.body_text()));
+        }
     };
-    json_error(status, rej.body_text())
+    serde_json::from_slice(&bytes).map_err(|e| {
+        app.bad_requests.fetch_add(1, Ordering::Relaxed);
+        json_error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid request body: {e}"),
+        )
+    })
 }
 
 #[derive(Deserialize)]
@@ -222,13 +240,10 @@ struct ScoreRequest {
     engines: Option<Vec<String>>,
 }
 
-async fn score(
-    State(app): State<Shared>,
-    body: Result<Json<ScoreRequest>, JsonRejection>,
-) -> Response {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(rej) => return bad(&app, rej),
+async fn score(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: ScoreRequest = match parse_body(&app, body) {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
     let ns = Namespace {
         model: req.model.clone(),
@@ -351,13 +366,10 @@ fn subscribe(app: &App, e: &EngineConfig) -> kvindex::Result<()> {
     Ok(())
 }
 
-async fn add_engine(
-    State(app): State<Shared>,
-    body: Result<Json<EngineConfig>, JsonRejection>,
-) -> Response {
-    let Json(e) = match body {
-        Ok(b) => b,
-        Err(rej) => return bad(&app, rej),
+async fn add_engine(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
+    let e: EngineConfig = match parse_body(&app, body) {
+        Ok(e) => e,
+        Err(resp) => return resp,
     };
     if e.name.is_empty() || e.name.contains('#') || !e.endpoint.starts_with("tcp://") {
         app.bad_requests.fetch_add(1, Ordering::Relaxed);
