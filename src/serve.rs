@@ -202,7 +202,7 @@ fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
 fn parse_body<T: serde::de::DeserializeOwned>(
     app: &App,
     body: Result<Bytes, BytesRejection>,
-) -> Result<T, Response> {
+) -> Result<T, Box<Response>> {
     let bytes = match body {
         Ok(b) => b,
         Err(rej) => {
@@ -212,7 +212,7 @@ fn parse_body<T: serde::de::DeserializeOwned>(
             } else {
                 StatusCode::BAD_REQUEST
             };
-            return Err(json_error(status, rej.body_text()));
+            return Err(Box::new(json_error(status, rej.body_text())));
         }
     };
     serde_json::from_slice(&bytes).map_err(|e| {
@@ -243,7 +243,7 @@ struct ScoreRequest {
 async fn score(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let req: ScoreRequest = match parse_body(&app, body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let ns = Namespace {
         model: req.model.clone(),
@@ -369,7 +369,7 @@ fn subscribe(app: &App, e: &EngineConfig) -> kvindex::Result<()> {
 async fn add_engine(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
     let e: EngineConfig = match parse_body(&app, body) {
         Ok(e) => e,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     if e.name.is_empty() || e.name.contains('#') || !e.endpoint.starts_with("tcp://") {
         app.bad_requests.fetch_add(1, Ordering::Relaxed);
