@@ -217,10 +217,10 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     };
     serde_json::from_slice(&bytes).map_err(|e| {
         app.bad_requests.fetch_add(1, Ordering::Relaxed);
-        json_error(
+        Box::new(json_error(
             StatusCode::BAD_REQUEST,
             format!("invalid request body: {e}"),
-        )
+        ))
     })
 }
 
