@@ -18,8 +18,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use kvindex::index::TIERS;
 use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor};
-use kvindex::{EngineHash, EngineId, Index, IndexConfig, Namespace, Query, QueryBlocks, Tier};
+use kvindex::{
+    EngineHash, EngineId, Index, IndexBackend, IndexConfig, IndexStats, Namespace, Query,
+    QueryBlocks, RedisIndex,
+};
 use serde::{Deserialize, Serialize};
 
 /// Options of `kvmesh serve`.
@@ -37,6 +41,13 @@ pub struct ServeArgs {
     /// Memory budget of the index, in bytes [default: 1 GiB].
     #[arg(long, env = "KVMESH_BYTE_BUDGET")]
     pub byte_budget: Option<u64>,
+    /// Keep the index on this Redis (redis://HOST:PORT/) so several replicas share it
+    /// [default: in memory].
+    #[arg(long, env = "KVMESH_REDIS")]
+    pub redis: Option<String>,
+    /// Key prefix of the index on Redis [default: "kvmesh"].
+    #[arg(long, env = "KVMESH_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
     /// Largest accepted request body, in bytes [default: 8 MiB].
     #[arg(long, env = "KVMESH_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
@@ -81,6 +92,10 @@ pub struct EngineConfig {
 pub struct ServeConfig {
     pub listen: String,
     pub model: String,
+    /// Redis URL of a shared index; in memory when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+    pub redis_prefix: String,
     pub byte_budget: u64,
     pub max_request_bytes: usize,
     pub tier_weights: TierWeights,
@@ -93,6 +108,8 @@ impl Default for ServeConfig {
         ServeConfig {
             listen: "127.0.0.1:8080".into(),
             model: "default".into(),
+            redis: None,
+            redis_prefix: "kvmesh".into(),
             byte_budget: IndexConfig::default().byte_budget as u64,
             max_request_bytes: 8 << 20,
             tier_weights: TierWeights {
@@ -157,6 +174,12 @@ pub fn load_config(args: &ServeArgs) -> Result<ServeConfig> {
     if let Some(v) = &args.model {
         c.model = v.clone();
     }
+    if let Some(v) = &args.redis {
+        c.redis = Some(v.clone());
+    }
+    if let Some(v) = &args.redis_prefix {
+        c.redis_prefix = v.clone();
+    }
     if let Some(v) = args.byte_budget {
         c.byte_budget = v;
     }
@@ -180,9 +203,77 @@ const BUCKETS: [f64; 12] = [
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2, 1e-1,
 ];
 
+/// A registered engine: name, model, blocks per tier (when known) and block size.
+type Registered = (String, String, Option<[u64; TIERS]>, Option<u32>);
+
+/// Where the index lives.
+enum Backend {
+    Memory(Index),
+    /// Shared with other replicas; an engine should be ingested by one replica only.
+    Redis(Arc<RedisIndex>),
+}
+
+impl Backend {
+    fn shared(&self) -> Arc<dyn IndexBackend> {
+        match self {
+            Backend::Memory(i) => Arc::new(i.clone()),
+            Backend::Redis(r) => r.clone(),
+        }
+    }
+
+    fn engine_by_name(&self, name: &str) -> kvindex::Result<Option<EngineId>> {
+        match self {
+            Backend::Memory(i) => Ok(i.engine_by_name(name)),
+            Backend::Redis(r) => Ok(r
+                .engines()?
+                .into_iter()
+                .find(|e| &*e.name == name)
+                .map(|e| e.id)),
+        }
+    }
+
+    fn query(&self, q: &Query<'_>) -> kvindex::Result<Vec<kvindex::EngineMatch>> {
+        match self {
+            Backend::Memory(i) => Ok(i.query(q)),
+            Backend::Redis(r) => r.query(q),
+        }
+    }
+
+    fn stats(&self) -> IndexStats {
+        match self {
+            Backend::Memory(i) => i.stats(),
+            Backend::Redis(r) => r.stats().unwrap_or_default(),
+        }
+    }
+
+    /// Every registered engine.
+    fn engines(&self) -> Vec<Registered> {
+        match self {
+            Backend::Memory(i) => i
+                .engine_stats()
+                .into_iter()
+                .map(|e| {
+                    (
+                        e.name.to_string(),
+                        e.spec.model,
+                        Some(e.blocks),
+                        e.block_size,
+                    )
+                })
+                .collect(),
+            Backend::Redis(r) => r
+                .engines()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| (e.name.to_string(), e.spec.model, None, e.block_size))
+                .collect(),
+        }
+    }
+}
+
 struct App {
     config: ServeConfig,
-    index: Index,
+    index: Backend,
     ingestor: Ingestor,
     endpoints: parking_lot::Mutex<std::collections::HashMap<String, EngineConfig>>,
     scores: AtomicU64,
@@ -256,11 +347,12 @@ async fn score(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -
             let mut ids = Vec::new();
             for n in names {
                 match app.index.engine_by_name(n) {
-                    Some(id) => ids.push(id),
-                    None => {
+                    Ok(Some(id)) => ids.push(id),
+                    Ok(None) => {
                         app.bad_requests.fetch_add(1, Ordering::Relaxed);
                         return json_error(StatusCode::NOT_FOUND, format!("unknown engine {n:?}"));
                     }
+                    Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
                 }
             }
             Some(ids)
@@ -282,11 +374,14 @@ async fn score(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -
         }
     };
     let t = Instant::now();
-    let matches = app.index.query(&Query {
+    let matches = match app.index.query(&Query {
         namespace: &ns,
         blocks,
         engines: filter.as_deref(),
-    });
+    }) {
+        Ok(m) => m,
+        Err(e) => return json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
     let secs = t.elapsed().as_secs_f64();
     app.scores.fetch_add(1, Ordering::Relaxed);
     app.latency_sum_ns
@@ -311,11 +406,11 @@ async fn score(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -
 
 async fn list_engines(State(app): State<Shared>) -> Response {
     let status = app.ingestor.status();
-    let stats = app.index.engine_stats();
+    let registry = app.index.engines();
     let endpoints = app.endpoints.lock().clone();
     let mut out = Vec::new();
     for s in &status {
-        let st = stats.iter().find(|e| *e.name == s.name);
+        let st = registry.iter().find(|e| e.0 == s.name);
         let base = s.name.split("#dp").next().unwrap_or(&s.name);
         let ep = endpoints.get(base);
         let state = if s.last_seq.is_none() && s.batches == 0 {
@@ -327,7 +422,7 @@ async fn list_engines(State(app): State<Shared>) -> Response {
         };
         out.push(serde_json::json!({
             "name": s.name,
-            "model": st.map(|e| e.spec.model.clone()),
+            "model": st.map(|e| e.1.clone()),
             "endpoint": ep.map(|e| e.endpoint.clone()),
             "replay_endpoint": ep.and_then(|e| e.replay_endpoint.clone()),
             "state": state,
@@ -342,12 +437,26 @@ async fn list_engines(State(app): State<Shared>) -> Response {
             "disconnects": s.disconnects,
             "orphans": s.orphans,
             "orphans_unrecovered": s.orphans_unrecovered,
-            "blocks": st.map(|e| serde_json::json!({
-                "gpu": e.blocks[Tier::Gpu as usize], "cpu": e.blocks[Tier::Cpu as usize],
-                "storage": e.blocks[Tier::Storage as usize], "remote": e.blocks[Tier::Remote as usize],
+            "blocks": st.and_then(|e| e.2).map(|b| serde_json::json!({
+                "gpu": b[0], "cpu": b[1], "storage": b[2], "remote": b[3],
             })),
-            "block_size": st.and_then(|e| e.block_size),
+            "block_size": st.and_then(|e| e.3),
             "last_error": s.last_error,
+        }));
+    }
+    // With a shared index, engines ingested by other replicas.
+    for (name, model, blocks, block_size) in &registry {
+        if status.iter().any(|s| &s.name == name) {
+            continue;
+        }
+        out.push(serde_json::json!({
+            "name": name,
+            "model": model,
+            "state": "elsewhere",
+            "blocks": blocks.map(|b| serde_json::json!({
+                "gpu": b[0], "cpu": b[1], "storage": b[2], "remote": b[3],
+            })),
+            "block_size": block_size,
         }));
     }
     Json(serde_json::json!({ "engines": out })).into_response()
@@ -556,12 +665,19 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         return Ok(());
     }
     let w = &config.tier_weights;
-    let index = Index::new(IndexConfig {
+    let index_config = IndexConfig {
         byte_budget: usize::try_from(config.byte_budget).unwrap_or(usize::MAX),
         tier_weights: [w.gpu, w.cpu, w.storage, w.remote],
         ..IndexConfig::default()
-    });
-    let ingestor = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
+    };
+    let index = match &config.redis {
+        None => Backend::Memory(Index::new(index_config)),
+        Some(url) => Backend::Redis(Arc::new(
+            RedisIndex::connect(url, &config.redis_prefix, index_config)
+                .with_context(|| format!("connecting to redis at {url}"))?,
+        )),
+    };
+    let ingestor = Ingestor::new(index.shared(), IngestConfig::default());
     let app = Arc::new(App {
         config: config.clone(),
         index,

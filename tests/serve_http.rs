@@ -271,3 +271,61 @@ fn print_config_merges_file_env_and_flags() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("surprise"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn replicas_share_an_index_on_redis() {
+    let redis = common::RedisServer::start();
+    let ctx = zmq::Context::new();
+    let pub_port = free_port();
+    let publ = EventPublisher::start(
+        &ctx,
+        PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}")),
+    )
+    .expect("publisher");
+    let start = |http: u16, engine: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmesh"));
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{http}"),
+            "--model",
+            "m",
+        ])
+        .args(["--redis", &redis.url(), "--redis-prefix", "shared"])
+        .stdout(Stdio::null());
+        if engine {
+            cmd.arg("--engine")
+                .arg(format!("e1=tcp://127.0.0.1:{pub_port}"));
+        }
+        Server(cmd.spawn().expect("kvmesh serve starts"))
+    };
+    // Replica A ingests the engine; replica B only answers.
+    let (http_a, http_b) = (free_port(), free_port());
+    let _a = start(http_a, true);
+    let _b = start(http_b, false);
+    for port in [http_a, http_b] {
+        wait_for("healthz", || {
+            agent()
+                .get(&format!("http://127.0.0.1:{port}/healthz"))
+                .call()
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+        });
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    publ.publish(&stored(&[1, 2], None, 0)).unwrap();
+    let body =
+        serde_json::json!({ "model": "m", "token_ids": (0..48).collect::<Vec<u32>>() }).to_string();
+    let url_b = format!("http://127.0.0.1:{http_b}/v1/score");
+    wait_for("replica B to see A's engine", || {
+        let (code, text) = post(&url_b, &body);
+        code == 200 && text.contains("\"matched_blocks\":2")
+    });
+    let (_, a) = post(&format!("http://127.0.0.1:{http_a}/v1/score"), &body);
+    let (_, b) = post(&url_b, &body);
+    assert_eq!(a, b, "both replicas answer from the one index");
+    let (_, engines) = get(&format!("http://127.0.0.1:{http_b}/v1/engines"));
+    assert!(engines.contains("\"state\":\"elsewhere\""), "{engines}");
+    let (code, _) = post(&url_b, r#"{"model":"m","token_ids":[1],"engines":["e1"]}"#);
+    assert_eq!(code, 200, "replica B knows e1 by name");
+}
