@@ -48,6 +48,12 @@ pub struct ServeArgs {
     /// Key prefix of the index on Redis [default: "kvmesh"].
     #[arg(long, env = "KVMESH_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
+    /// Write the index to this file periodically (atomically) and restore it at start.
+    #[arg(long, env = "KVMESH_SNAPSHOT")]
+    pub snapshot: Option<PathBuf>,
+    /// Seconds between snapshots [default: 10].
+    #[arg(long, env = "KVMESH_SNAPSHOT_INTERVAL")]
+    pub snapshot_interval: Option<u64>,
     /// Largest accepted request body, in bytes [default: 8 MiB].
     #[arg(long, env = "KVMESH_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
@@ -96,6 +102,10 @@ pub struct ServeConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
     pub redis_prefix: String,
+    /// Snapshot file of the in-memory index.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<PathBuf>,
+    pub snapshot_interval_secs: u64,
     pub byte_budget: u64,
     pub max_request_bytes: usize,
     pub tier_weights: TierWeights,
@@ -110,6 +120,8 @@ impl Default for ServeConfig {
             model: "default".into(),
             redis: None,
             redis_prefix: "kvmesh".into(),
+            snapshot: None,
+            snapshot_interval_secs: 10,
             byte_budget: IndexConfig::default().byte_budget as u64,
             max_request_bytes: 8 << 20,
             tier_weights: TierWeights {
@@ -179,6 +191,15 @@ pub fn load_config(args: &ServeArgs) -> Result<ServeConfig> {
     }
     if let Some(v) = &args.redis_prefix {
         c.redis_prefix = v.clone();
+    }
+    if let Some(v) = &args.snapshot {
+        c.snapshot = Some(v.clone());
+    }
+    if let Some(v) = args.snapshot_interval {
+        c.snapshot_interval_secs = v.max(1);
+    }
+    if c.snapshot.is_some() && c.redis.is_some() {
+        bail!("--snapshot is for the in-memory index; Redis keeps its own data");
     }
     if let Some(v) = args.byte_budget {
         c.byte_budget = v;
@@ -671,7 +692,30 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         ..IndexConfig::default()
     };
     let index = match &config.redis {
-        None => Backend::Memory(Index::new(index_config)),
+        None => Backend::Memory(match config.snapshot.as_deref().filter(|p| p.exists()) {
+            None => Index::new(index_config),
+            Some(path) => match kvindex::snapshot::read(path)
+                .and_then(|snap| Index::restore(index_config.clone(), &snap))
+            {
+                Ok(index) => {
+                    let st = index.stats();
+                    eprintln!(
+                        "kvmesh serve: restored {} blocks of {} engines from {}",
+                        st.blocks,
+                        st.engines,
+                        path.display()
+                    );
+                    index
+                }
+                Err(e) => {
+                    eprintln!(
+                        "kvmesh serve: not restoring {}: {e}; starting empty",
+                        path.display()
+                    );
+                    Index::new(index_config)
+                }
+            },
+        }),
         Some(url) => Backend::Redis(Arc::new(
             RedisIndex::connect(url, &config.redis_prefix, index_config)
                 .with_context(|| format!("connecting to redis at {url}"))?,
@@ -695,6 +739,23 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .listen
         .parse()
         .with_context(|| format!("listen address {:?}", config.listen))?;
+    if let (Some(path), Backend::Memory(index)) = (app.config.snapshot.clone(), &app.index) {
+        let index = index.clone();
+        let every = std::time::Duration::from_secs(app.config.snapshot_interval_secs);
+        std::thread::Builder::new()
+            .name("kvmesh-snapshot".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                if let Err(e) = kvindex::snapshot::write(&path, &index.snapshot()) {
+                    eprintln!("kvmesh serve: {e}");
+                }
+            })
+            .context("starting the snapshot thread")?;
+    }
+    let final_snapshot = match (&app.config.snapshot, &app.index) {
+        (Some(p), Backend::Memory(i)) => Some((p.clone(), i.clone())),
+        _ => None,
+    };
     let router = Router::new()
         .route("/v1/score", post(score))
         .route("/v1/engines", get(list_engines).post(add_engine))
@@ -721,5 +782,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             })
             .await
             .context("serving")
-    })
+    })?;
+    if let Some((path, index)) = final_snapshot {
+        kvindex::snapshot::write(&path, &index.snapshot()).context("writing the last snapshot")?;
+    }
+    Ok(())
 }

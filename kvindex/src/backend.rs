@@ -14,6 +14,18 @@ pub trait IndexBackend: Send + Sync {
     fn clear_engine(&self, id: EngineId) -> Result<()>;
     /// Applies one event batch of an engine.
     fn apply(&self, id: EngineId, batch: &EventBatch) -> Result<ApplyReport>;
+    /// Applies the batch with sequence number `seq` of an engine's stream; backends that persist
+    /// their state record `seq` with it (see [`IndexBackend::applied_seq`]).
+    fn apply_at(&self, id: EngineId, seq: u64, batch: &EventBatch) -> Result<ApplyReport> {
+        let _ = seq;
+        self.apply(id, batch)
+    }
+    /// The last sequence number applied for an engine, when the backend knows it (an index
+    /// restored from a snapshot); ingestion resumes after it.
+    fn applied_seq(&self, id: EngineId) -> Option<u64> {
+        let _ = id;
+        None
+    }
     /// Applies an orphan with its recovered ancestry (see [`Index::apply_stored_with_ancestry`]).
     fn apply_stored_with_ancestry(
         &self,
@@ -39,6 +51,12 @@ impl IndexBackend for Index {
     }
     fn apply(&self, id: EngineId, batch: &EventBatch) -> Result<ApplyReport> {
         Index::apply(self, id, batch)
+    }
+    fn apply_at(&self, id: EngineId, seq: u64, batch: &EventBatch) -> Result<ApplyReport> {
+        Index::apply_at(self, id, seq, batch)
+    }
+    fn applied_seq(&self, id: EngineId) -> Option<u64> {
+        Index::applied_seq(self, id)
     }
     fn apply_stored_with_ancestry(
         &self,

@@ -28,6 +28,9 @@ pub enum IndexError {
     /// The Redis backend failed.
     #[error("redis: {0}")]
     Redis(String),
+    /// A snapshot could not be written, read or trusted.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
 }
 
 /// A coarse classification of [`IndexError`], for C and Python bindings.
@@ -51,7 +54,7 @@ impl IndexError {
             | IndexError::InvalidArgument(_) => ErrorKind::InvalidArgument,
             IndexError::UnknownEngine(_) => ErrorKind::UnknownEngine,
             IndexError::TooManyEngines { .. } => ErrorKind::Capacity,
-            IndexError::Zmq(_) | IndexError::Redis(_) => ErrorKind::Io,
+            IndexError::Zmq(_) | IndexError::Redis(_) | IndexError::Snapshot(_) => ErrorKind::Io,
         }
     }
 }

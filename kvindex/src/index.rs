@@ -29,7 +29,7 @@
 //! grow no more, the least recently used blocks are evicted, deepest first among equally old ones,
 //! so chains shrink from their leaves. `bytes_per_block` in [`IndexStats`] is measured, not assumed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -441,6 +441,8 @@ struct Writer {
     /// Announcements beyond the first, per (engine, key, tier).
     dups: HashMap<(u32, u64, u8), u32>,
     counts: Vec<[u64; TIERS]>,
+    /// Per engine slot: the last sequence number applied (see [`Index::apply_at`]).
+    applied: Vec<Option<u64>>,
     by_spec: HashMap<EngineSpec, u32>,
     hasher: KeyHasher,
     scratch: Vec<BlockKey>,
@@ -477,6 +479,7 @@ impl Index {
             memberships: 0,
             dups: HashMap::new(),
             counts: Vec::new(),
+            applied: Vec::new(),
             by_spec: HashMap::new(),
             hasher: KeyHasher::new(),
             scratch: Vec::new(),
@@ -531,6 +534,10 @@ impl Index {
             w.counts.resize(slot + 1, [0; TIERS]);
         }
         w.counts[slot] = [0; TIERS];
+        if w.applied.len() <= slot {
+            w.applied.resize(slot + 1, None);
+        }
+        w.applied[slot] = None;
         w.by_spec.insert(spec, slot as u32);
         w.stats.engines = w.by_spec.len();
         Ok(EngineId(slot as u32))
@@ -588,6 +595,9 @@ impl Index {
             .engine(id)
             .ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
         w.purge(id.0);
+        if let Some(a) = w.applied.get_mut(id.0 as usize) {
+            *a = None;
+        }
         w.by_spec.remove(&info.spec);
         w.stats.engines = w.by_spec.len();
         let mut next = (*self.inner.engines.load_full()).clone();
@@ -604,8 +614,34 @@ impl Index {
         Ok(())
     }
 
+    /// Applies the batch with sequence number `seq` of engine `id`'s stream, and records `seq`
+    /// (under the same lock, so a snapshot's contents and sequence numbers agree).
+    pub fn apply_at(&self, id: EngineId, seq: u64, batch: &EventBatch) -> Result<ApplyReport> {
+        self.apply_inner(id, Some(seq), batch)
+    }
+
+    /// The last sequence number applied for engine `id` through [`Index::apply_at`].
+    pub fn applied_seq(&self, id: EngineId) -> Option<u64> {
+        self.inner
+            .writer
+            .lock()
+            .applied
+            .get(id.0 as usize)
+            .copied()
+            .flatten()
+    }
+
     /// Applies one batch of events published by engine `id`.
     pub fn apply(&self, id: EngineId, batch: &EventBatch) -> Result<ApplyReport> {
+        self.apply_inner(id, None, batch)
+    }
+
+    fn apply_inner(
+        &self,
+        id: EngineId,
+        seq: Option<u64>,
+        batch: &EventBatch,
+    ) -> Result<ApplyReport> {
         let info = self
             .engine(id)
             .ok_or_else(|| IndexError::UnknownEngine(format!("#{}", id.0)))?;
@@ -645,6 +681,13 @@ impl Index {
                     report.cleared = true;
                 }
             }
+        }
+        if let Some(seq) = seq {
+            let slot = id.0 as usize;
+            if w.applied.len() <= slot {
+                w.applied.resize(slot + 1, None);
+            }
+            w.applied[slot] = Some(seq);
         }
         w.publish(&self.inner);
         Ok(report)
@@ -845,6 +888,128 @@ impl Index {
                 block_size: e.block_size(),
             })
             .collect()
+    }
+
+    /// The index's state, consistent with the sequence numbers recorded by [`Index::apply_at`]
+    /// (taken under the writer's lock; queries go on meanwhile).
+    pub fn snapshot(&self) -> crate::snapshot::Snapshot {
+        let w = self.inner.writer.lock();
+        let engines = self
+            .engines()
+            .into_iter()
+            .map(|(id, e)| crate::snapshot::SnapEngine {
+                slot: id.0,
+                pod: e.spec.pod.clone(),
+                dp_rank: e.spec.dp_rank,
+                model: e.spec.model.clone(),
+                block_size: e.block_size().unwrap_or(0),
+                applied_seq: w.applied.get(id.0 as usize).copied().flatten(),
+                counts: w.counts.get(id.0 as usize).copied().unwrap_or_default(),
+            })
+            .collect();
+        let mut blocks = Vec::with_capacity(w.blocks_occ.live);
+        w.blocks.scan(|_, k, v| blocks.push((k, v & !MORE)));
+        let mut aliases = Vec::with_capacity(w.aliases_occ.live);
+        w.aliases.scan(|_, k, v| aliases.push((k, v)));
+        let dups = w.dups.iter().map(|(&(e, k, t), &c)| (e, k, t, c)).collect();
+        crate::snapshot::Snapshot {
+            engines,
+            blocks,
+            aliases,
+            dups,
+            clock: self.inner.clock.load(Ordering::Relaxed),
+        }
+    }
+
+    /// An index holding a snapshot's state.
+    pub fn restore(config: IndexConfig, snap: &crate::snapshot::Snapshot) -> Result<Index> {
+        let index = Index::new(config);
+        {
+            let mut w = index.inner.writer.lock();
+            let slots = snap
+                .engines
+                .iter()
+                .map(|e| e.slot as usize + 1)
+                .max()
+                .unwrap_or(0);
+            if slots > MAX_ENGINES {
+                return Err(IndexError::Snapshot(format!(
+                    "engine slot {} out of range",
+                    slots - 1
+                )));
+            }
+            let mut dir: Vec<Option<Arc<EngineInfo>>> = vec![None; slots];
+            w.counts = vec![[0; TIERS]; slots];
+            w.applied = vec![None; slots];
+            for e in &snap.engines {
+                let spec = EngineSpec {
+                    pod: e.pod.clone(),
+                    dp_rank: e.dp_rank,
+                    model: e.model.clone(),
+                };
+                let slot = e.slot as usize;
+                if dir[slot].is_some() || w.by_spec.contains_key(&spec) {
+                    return Err(IndexError::Snapshot(format!(
+                        "engine {} appears twice",
+                        spec.name()
+                    )));
+                }
+                dir[slot] = Some(Arc::new(EngineInfo {
+                    name: spec.name().into(),
+                    spec: spec.clone(),
+                    block_size: AtomicU32::new(e.block_size),
+                }));
+                w.counts[slot] = e.counts;
+                w.applied[slot] = e.applied_seq;
+                w.by_spec.insert(spec, e.slot);
+            }
+            w.stats.engines = w.by_spec.len();
+            index.inner.engines.store(Arc::new(dir));
+            let cap = |n: usize| {
+                ((n as f64 / 0.6) as usize).max(index.inner.config.initial_slots.max(64))
+            };
+            let blocks = Table::new(cap(snap.blocks.len()));
+            let mut occ = Occupancy::default();
+            let mut keys = HashSet::with_capacity(snap.blocks.len());
+            let mut memberships = 0usize;
+            for &(k, v) in &snap.blocks {
+                if k <= crate::table::TOMB {
+                    return Err(IndexError::Snapshot(
+                        "reserved key in the block table".into(),
+                    ));
+                }
+                // Slots of one key are chained by the `MORE` bit, rebuilt here.
+                if !keys.insert(k) {
+                    blocks.mark_before(k, usize::MAX, MORE);
+                }
+                blocks.insert(k, v & !MORE, &mut occ);
+                memberships += (v as u32).count_ones() as usize;
+            }
+            let aliases = Table::new(cap(snap.aliases.len()));
+            let mut aocc = Occupancy::default();
+            for &(k, v) in &snap.aliases {
+                if k <= crate::table::TOMB {
+                    return Err(IndexError::Snapshot(
+                        "reserved key in the alias table".into(),
+                    ));
+                }
+                aliases.insert(k, v, &mut aocc);
+            }
+            w.blocks = Arc::new(blocks);
+            w.blocks_occ = occ;
+            w.aliases = Arc::new(aliases);
+            w.aliases_occ = aocc;
+            w.distinct = keys.len();
+            w.memberships = memberships;
+            w.dups = snap
+                .dups
+                .iter()
+                .map(|&(e, k, t, c)| ((e, k, t), c))
+                .collect();
+            index.inner.clock.store(snap.clock, Ordering::Relaxed);
+            w.publish(&index.inner);
+        }
+        Ok(index)
     }
 
     /// Every (key, engine, tier) membership, for tests and snapshots.
@@ -1793,6 +1958,62 @@ mod tests {
             answered_during_write >= 10,
             "only {answered_during_write} queries completed while the writer was busy"
         );
+    }
+
+    #[test]
+    fn snapshot_restores_everything() {
+        let idx = Index::default();
+        let ids: Vec<EngineId> = (0..40)
+            .map(|i| idx.add_engine(spec(&format!("e{i}"))).unwrap())
+            .collect();
+        let toks: Vec<u32> = (0..64).collect();
+        for (i, &id) in ids.iter().enumerate() {
+            let n = 1 + i % 4;
+            let b = batch(vec![stored(
+                &[1, 2, 3, 4][..n],
+                None,
+                toks[..16 * n].to_vec(),
+                16,
+            )]);
+            idx.apply_at(id, 7, &b).unwrap();
+        }
+        idx.apply(
+            ids[0],
+            &batch(vec![stored(&[1], None, toks[..16].to_vec(), 16)]),
+        )
+        .unwrap();
+        idx.remove_engine(ids[5]).unwrap();
+        let bytes = crate::snapshot::encode(&idx.snapshot()).unwrap();
+        let back = Index::restore(
+            IndexConfig::default(),
+            &crate::snapshot::decode(&bytes).unwrap(),
+        )
+        .unwrap();
+        let ns = Namespace::model("m");
+        assert_eq!(
+            back.query(&q_tokens(&ns, &toks)),
+            idx.query(&q_tokens(&ns, &toks))
+        );
+        assert_eq!(back.memberships(), idx.memberships());
+        assert_eq!(back.applied_seq(ids[3]), Some(7));
+        assert_eq!(back.applied_seq(ids[5]), None);
+        let (s1, s2) = (idx.stats(), back.stats());
+        assert_eq!(
+            (s1.blocks, s1.memberships, s1.engines),
+            (s2.blocks, s2.memberships, s2.engines)
+        );
+        // Reference counts survive: e0 announced block 1 twice, so one removal leaves it held.
+        back.apply(ids[0], &batch(vec![removed(1, Medium::Gpu)]))
+            .unwrap();
+        let r = back.query(&Query {
+            namespace: &ns,
+            blocks: QueryBlocks::Tokens {
+                tokens: &toks,
+                mm: &[],
+            },
+            engines: Some(&[ids[0]]),
+        });
+        assert_eq!(r[0].matched_blocks, 1);
     }
 
     #[test]

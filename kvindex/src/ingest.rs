@@ -250,7 +250,7 @@ impl StreamTracker {
                 return Err(e);
             }
         };
-        let report = self.backend.apply(self.engine, &batch)?;
+        let report = self.backend.apply_at(self.engine, seq, &batch)?;
         self.status.batches += 1;
         self.status.events += batch.events.len() as u64;
         self.status.last_seq = Some(seq);
@@ -694,6 +694,12 @@ impl Worker {
         }
         let mut t = StreamTracker::new(self.backend.clone(), id, spec.name(), &self.config);
         t.status.connected = true;
+        // An index restored from a snapshot already holds this stream up to some batch: resume
+        // after it (a later first message is a gap to replay, an earlier one a restart).
+        if let Some(seq) = self.backend.applied_seq(id) {
+            t.expected = Some(seq.wrapping_add(1));
+            t.status.last_seq = Some(seq);
+        }
         Ok(t)
     }
 }

@@ -41,6 +41,7 @@ pub mod key;
 pub mod publish;
 #[cfg(feature = "redis")]
 pub mod redis_backend;
+pub mod snapshot;
 pub mod table;
 pub mod trace;
 pub mod vllm_hash;
