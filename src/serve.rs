@@ -447,7 +447,11 @@ async fn list_engines(State(app): State<Shared>) -> Response {
             "endpoint": ep.map(|e| e.endpoint.clone()),
             "replay_endpoint": ep.and_then(|e| e.replay_endpoint.clone()),
             "state": state,
-            "last_seq": s.last_seq,
+            // Before an engine's first message after a restore, what the snapshot had applied.
+            "last_seq": s.last_seq.or_else(|| match &app.index {
+                Backend::Memory(i) => i.engine_by_name(&s.name).and_then(|id| i.applied_seq(id)),
+                Backend::Redis(_) => None,
+            }),
             "lag_seconds": s.lag_s,
             "batches": s.batches,
             "events": s.events,

@@ -95,13 +95,13 @@ impl Drop for Daemon {
     }
 }
 
-/// The daemon's prediction over HTTP, once it has applied as many batches of each engine as the
+/// The daemon's prediction over HTTP, once it has applied each engine's stream as far as the
 /// in-process ingestor (both read the same streams).
 fn daemon_prediction(base: &str, ing: &Ingestor, engine: &str, prompt: &[u32]) -> u64 {
-    let want: std::collections::HashMap<String, u64> = ing
+    let want: std::collections::HashMap<String, Option<u64>> = ing
         .status()
         .into_iter()
-        .map(|s| (s.name.clone(), s.batches))
+        .map(|s| (s.name.clone(), s.last_seq))
         .collect();
     let t = Instant::now();
     loop {
@@ -114,7 +114,7 @@ fn daemon_prediction(base: &str, ing: &Ingestor, engine: &str, prompt: &[u32]) -
         let caught_up = v["engines"].as_array().is_some_and(|list| {
             want.iter().all(|(name, n)| {
                 list.iter()
-                    .any(|e| e["name"] == name.as_str() && e["batches"].as_u64() >= Some(*n))
+                    .any(|e| e["name"] == name.as_str() && e["last_seq"].as_u64() == *n)
             })
         });
         if caught_up {
@@ -165,29 +165,32 @@ fn index_predicts_vllm_prefix_hits() {
     }
     // The daemon subscribes to the same engines (PUB and replay sockets serve many readers).
     let http = common::free_port();
-    let _daemon = Daemon(
-        std::process::Command::new(env!("CARGO_BIN_EXE_kvmesh"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{http}"),
-                "--model",
-                MODEL,
-            ])
-            .arg("--engine")
-            .arg(format!(
-                "e1={},replay={}",
-                e1.pub_endpoint, e1.replay_endpoint
-            ))
-            .arg("--engine")
-            .arg(format!(
-                "e2={},replay={}",
-                e2.pub_endpoint, e2.replay_endpoint
-            ))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("kvmesh serve starts"),
-    );
+    let snap = std::env::temp_dir().join(format!("kvmesh-e2e-{}.snap", std::process::id()));
+    let _ = std::fs::remove_file(&snap);
+    // The engines keep their ports across a restart: the daemon's arguments can be fixed now.
+    let engine_args = [
+        format!("e1={},replay={}", e1.pub_endpoint, e1.replay_endpoint),
+        format!("e2={},replay={}", e2.pub_endpoint, e2.replay_endpoint),
+    ];
+    let start_daemon = || {
+        Daemon(
+            std::process::Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+                .args([
+                    "serve",
+                    "--listen",
+                    &format!("127.0.0.1:{http}"),
+                    "--model",
+                    MODEL,
+                ])
+                .args(["--snapshot-interval", "1", "--snapshot"])
+                .arg(&snap)
+                .args(["--engine", &engine_args[0], "--engine", &engine_args[1]])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("kvmesh serve starts"),
+        )
+    };
+    let mut daemon = start_daemon();
     let base = format!("http://127.0.0.1:{http}");
     let t = Instant::now();
     while ureq::get(&format!("{base}/healthz")).call().is_err() {
@@ -210,6 +213,20 @@ fn index_predicts_vllm_prefix_hits() {
         if i == requests / 2 {
             e1.restart();
             std::thread::sleep(Duration::from_millis(500));
+        }
+        if i == requests * 3 / 4 {
+            // The daemon dies without warning and comes back from its last snapshot.
+            std::thread::sleep(Duration::from_millis(1500));
+            drop(daemon);
+            daemon = start_daemon();
+            let t = Instant::now();
+            while ureq::get(&format!("{base}/healthz")).call().is_err() {
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "kvmesh serve did not come back"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         let target = rng.random_range(0..2usize);
         let doc = &docs[rng.random_range(0..docs.len())];

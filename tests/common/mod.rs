@@ -66,11 +66,22 @@ impl Engine {
             cpu_bind: cpu_bind.map(str::to_owned),
             child: None,
         };
-        e.launch();
-        e
+        // Ports are picked free but bound later, by vLLM: another process (vLLM's own internal
+        // sockets included) may take one in between. A start that fails is retried on new ports.
+        for attempt in 1..=3 {
+            match e.launch() {
+                Ok(()) => return e,
+                Err(why) if attempt < 3 => {
+                    eprintln!("vLLM engine {name}: {why}; retrying on other ports");
+                    (e.port, e.pub_port, e.replay_port) = (free_port(), free_port(), free_port());
+                }
+                Err(why) => panic!("vLLM engine {name}: {why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
-    fn launch(&mut self) {
+    fn launch(&mut self) -> Result<(), String> {
         let mut cmd = Command::new("python3");
         cmd.arg(root().join("tests/vllm/engine.py"))
             .args(["--name", &self.name])
@@ -98,12 +109,14 @@ impl Engine {
         });
         let line = match rx.recv_timeout(Duration::from_secs(600)) {
             Ok(l) => l,
-            Err(_) => {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
                 let _ = child.kill();
-                panic!(
-                    "vLLM engine {} did not become ready within 10 minutes",
-                    self.name
-                );
+                let _ = child.wait();
+                return Err("did not become ready within 10 minutes".into());
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = child.wait();
+                return Err("exited during startup (its log is printed above)".into());
             }
         };
         let v: serde_json::Value = serde_json::from_str(&line).expect("ready line is JSON");
@@ -111,6 +124,7 @@ impl Engine {
         self.pub_endpoint = format!("tcp://127.0.0.1:{}", self.pub_port);
         self.replay_endpoint = format!("tcp://127.0.0.1:{}", self.replay_port);
         self.child = Some(child);
+        Ok(())
     }
 
     /// Stops the engine (SIGTERM, then SIGKILL after 30 s) and waits for it.
@@ -134,7 +148,16 @@ impl Engine {
     /// Stops and starts the engine again on the same ports.
     pub fn restart(&mut self) {
         self.stop();
-        self.launch();
+        for attempt in 1..=3 {
+            match self.launch() {
+                Ok(()) => return,
+                Err(why) if attempt < 3 => {
+                    eprintln!("vLLM engine {}: {why}; retrying", self.name);
+                    std::thread::sleep(Duration::from_secs(2));
+                }
+                Err(why) => panic!("vLLM engine {}: {why}", self.name),
+            }
+        }
     }
 
     /// A greedy one-token completion of `prompt` (token ids); returns the response JSON.
