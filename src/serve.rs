@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Seconds between snapshots [default: 10].
     #[arg(long, env = "KVMESH_SNAPSHOT_INTERVAL")]
     pub snapshot_interval: Option<u64>,
+    /// Require `Authorization: Bearer TOKEN` on the API (health checks stay open). Prefer the
+    /// environment or the file over the command line, which other users can read.
+    #[arg(long, env = "KVMESH_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
     /// Largest accepted request body, in bytes [default: 8 MiB].
     #[arg(long, env = "KVMESH_MAX_REQUEST_BYTES")]
     pub max_request_bytes: Option<usize>,
@@ -106,6 +110,9 @@ pub struct ServeConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<PathBuf>,
     pub snapshot_interval_secs: u64,
+    /// Bearer token the API requires, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth_token: Option<String>,
     pub byte_budget: u64,
     pub max_request_bytes: usize,
     pub tier_weights: TierWeights,
@@ -122,6 +129,7 @@ impl Default for ServeConfig {
             redis_prefix: "kvmesh".into(),
             snapshot: None,
             snapshot_interval_secs: 10,
+            auth_token: None,
             byte_budget: IndexConfig::default().byte_budget as u64,
             max_request_bytes: 8 << 20,
             tier_weights: TierWeights {
@@ -194,6 +202,12 @@ pub fn load_config(args: &ServeArgs) -> Result<ServeConfig> {
     }
     if let Some(v) = &args.snapshot {
         c.snapshot = Some(v.clone());
+    }
+    if let Some(v) = &args.auth_token {
+        c.auth_token = Some(v.clone());
+    }
+    if c.auth_token.as_deref().is_some_and(str::is_empty) {
+        bail!("the auth token must not be empty");
     }
     if let Some(v) = args.snapshot_interval {
         c.snapshot_interval_secs = v.max(1);
@@ -655,6 +669,34 @@ async fn metrics(State(app): State<Shared>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
+/// Refuses requests without the configured bearer token (when one is configured).
+async fn require_token(
+    State(app): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(token) = &app.config.auth_token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Compare in constant time, so the token cannot be guessed byte by byte.
+        let ok = given.is_some_and(|g| {
+            g.len() == token.len()
+                && g.bytes()
+                    .zip(token.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0
+        });
+        if !ok {
+            app.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return json_error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        }
+    }
+    next.run(req).await
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -683,9 +725,13 @@ async fn readyz(State(app): State<Shared>) -> Response {
 pub fn run(args: &ServeArgs) -> Result<()> {
     let config = load_config(args)?;
     if args.print_config {
+        let mut shown = config.clone();
+        if shown.auth_token.is_some() {
+            shown.auth_token = Some("(set)".into());
+        }
         print!(
             "{}",
-            toml::to_string_pretty(&config).context("printing the configuration")?
+            toml::to_string_pretty(&shown).context("printing the configuration")?
         );
         return Ok(());
     }
@@ -760,11 +806,17 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         (Some(p), Backend::Memory(i)) => Some((p.clone(), i.clone())),
         _ => None,
     };
-    let router = Router::new()
+    let api = Router::new()
         .route("/v1/score", post(score))
         .route("/v1/engines", get(list_engines).post(add_engine))
         .route("/v1/engines/{name}", delete(remove_engine))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_token,
+        ));
+    let router = Router::new()
+        .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(config.max_request_bytes))

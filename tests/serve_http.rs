@@ -435,3 +435,61 @@ fn restarted_daemon_answers_from_its_snapshot_then_catches_up() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bearer_token_guards_the_api() {
+    let http = free_port();
+    let base = format!("http://127.0.0.1:{http}");
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--model",
+                "m",
+            ])
+            .env("KVMESH_AUTH_TOKEN", "s3cret")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("kvmesh serve starts"),
+    );
+    wait_for("healthz", || {
+        agent()
+            .get(&format!("{base}/healthz"))
+            .call()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+    let body = r#"{"model":"m","token_ids":[1,2,3]}"#;
+    let score = |auth: Option<&str>| {
+        let mut req = agent().post(&format!("{base}/v1/score"));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        req.send(body).unwrap().status().as_u16()
+    };
+    assert_eq!(score(None), 401);
+    assert_eq!(score(Some("Bearer wrong!")), 401);
+    assert_eq!(score(Some("Bearer s3cre")), 401);
+    assert_eq!(score(Some("s3cret")), 401);
+    assert_eq!(score(Some("Bearer s3cret")), 200);
+    assert_eq!(get(&format!("{base}/metrics")).0, 401);
+    assert_eq!(get(&format!("{base}/v1/engines")).0, 401);
+    assert_eq!(
+        get(&format!("{base}/readyz")).0,
+        200,
+        "health checks stay open"
+    );
+    // The token is never printed back.
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(["serve", "--print-config"])
+        .env("KVMESH_AUTH_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("auth_token = \"(set)\"") && !text.contains("s3cret"),
+        "{text}"
+    );
+}
