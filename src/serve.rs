@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// (repeatable; adds to the configuration file's engines).
     #[arg(long = "engine", value_name = "SPEC")]
     pub engines: Vec<String>,
+    /// A vLLM engine to discover: NAME=http://HOST:PORT[,model=M]. Its `GET /kv_event_sources`
+    /// names the event (and replay) endpoints of every data-parallel rank (repeatable).
+    #[arg(long = "engine-url", value_name = "SPEC")]
+    pub engine_urls: Vec<String>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -177,6 +181,71 @@ pub fn parse_engine(spec: &str) -> Result<EngineConfig> {
     Ok(e)
 }
 
+/// Asks a vLLM server (`NAME=http://HOST:PORT[,model=M]`) for its KV-event endpoints, one engine
+/// per data-parallel rank. A wildcard bind address (`*`, `0.0.0.0`, `::`) becomes the URL's host.
+pub fn discover(spec: &str) -> Result<Vec<EngineConfig>> {
+    let (name, rest) = spec
+        .split_once('=')
+        .with_context(|| format!("--engine-url {spec:?}: expected NAME=http://HOST:PORT"))?;
+    let mut parts = rest.split(',');
+    let url = parts
+        .next()
+        .unwrap_or_default()
+        .trim_end_matches('/')
+        .to_owned();
+    let mut model = None;
+    for p in parts {
+        match p.split_once('=') {
+            Some(("model", v)) => model = Some(v.to_owned()),
+            _ => bail!("--engine-url {spec:?}: unknown option {p:?} (model=)"),
+        }
+    }
+    let host = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .and_then(|r| r.split([':', '/']).next())
+        .filter(|h| !h.is_empty())
+        .with_context(|| format!("--engine-url {spec:?}: not an http(s) URL"))?
+        .to_owned();
+    let sources: serde_json::Value = ureq::get(&format!("{url}/kv_event_sources"))
+        .call()
+        .with_context(|| format!("GET {url}/kv_event_sources"))?
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("reading {url}/kv_event_sources"))?;
+    let Some(ranks) = sources.as_object() else {
+        bail!("{url}/kv_event_sources did not answer a JSON object: {sources}");
+    };
+    let resolve = |ep: &str| {
+        ["*", "0.0.0.0", "[::]", "::"]
+            .iter()
+            .find_map(|w| ep.strip_prefix("tcp://").and_then(|r| r.strip_prefix(w)))
+            .map(|port| format!("tcp://{host}{port}"))
+            .unwrap_or_else(|| ep.to_owned())
+    };
+    let mut out = Vec::new();
+    for (rank, cfg) in ranks {
+        let dp_rank: u32 = rank
+            .parse()
+            .with_context(|| format!("{url}: rank {rank:?}"))?;
+        let Some(endpoint) = cfg["endpoint"].as_str() else {
+            bail!("{url}: rank {rank} publishes no KV events (no endpoint): {cfg}");
+        };
+        out.push(EngineConfig {
+            name: name.to_owned(),
+            endpoint: resolve(endpoint),
+            replay_endpoint: cfg["replay_endpoint"].as_str().map(resolve),
+            model: model.clone(),
+            dp_rank,
+            topic: cfg["topic"].as_str().unwrap_or_default().to_owned(),
+        });
+    }
+    if out.is_empty() {
+        bail!("{url}/kv_event_sources lists no engine");
+    }
+    Ok(out)
+}
+
 /// Merges defaults, the file, the environment and the flags (clap has already put the
 /// environment under the flags it names).
 pub fn load_config(args: &ServeArgs) -> Result<ServeConfig> {
@@ -224,10 +293,17 @@ pub fn load_config(args: &ServeArgs) -> Result<ServeConfig> {
     for e in &args.engines {
         c.engines.push(parse_engine(e)?);
     }
+    for spec in &args.engine_urls {
+        c.engines.extend(discover(spec)?);
+    }
     let mut seen = std::collections::HashSet::new();
     for e in &c.engines {
-        if !seen.insert(&e.name) {
-            bail!("engine {:?} is configured twice", e.name);
+        if !seen.insert((&e.name, e.dp_rank)) {
+            bail!(
+                "engine {:?} (rank {}) is configured twice",
+                e.name,
+                e.dp_rank
+            );
         }
     }
     Ok(c)
@@ -447,7 +523,7 @@ async fn list_engines(State(app): State<Shared>) -> Response {
     for s in &status {
         let st = registry.iter().find(|e| e.0 == s.name);
         let base = s.name.split("#dp").next().unwrap_or(&s.name);
-        let ep = endpoints.get(base);
+        let ep = endpoints.get(&s.name).or_else(|| endpoints.get(base));
         let state = if s.last_seq.is_none() && s.batches == 0 {
             "waiting"
         } else if s.connected {
@@ -510,8 +586,18 @@ fn subscribe(app: &App, e: &EngineConfig) -> kvindex::Result<()> {
         replay_endpoint: e.replay_endpoint.clone(),
         topic: e.topic.clone(),
     })?;
-    app.endpoints.lock().insert(e.name.clone(), e.clone());
+    app.endpoints.lock().insert(display_name(e), e.clone());
     Ok(())
+}
+
+/// The name an engine goes by in the index: `NAME`, or `NAME#dpR` for rank R > 0.
+fn display_name(e: &EngineConfig) -> String {
+    kvindex::EngineSpec {
+        pod: e.name.clone(),
+        dp_rank: e.dp_rank,
+        model: String::new(),
+    }
+    .name()
 }
 
 async fn add_engine(State(app): State<Shared>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -708,7 +794,7 @@ async fn readyz(State(app): State<Shared>) -> Response {
         .config
         .engines
         .iter()
-        .filter(|e| !app.endpoints.lock().contains_key(&e.name))
+        .filter(|e| !app.endpoints.lock().contains_key(&display_name(e)))
         .map(|e| e.name.clone())
         .collect();
     if missing.is_empty() {

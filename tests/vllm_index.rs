@@ -168,9 +168,10 @@ fn index_predicts_vllm_prefix_hits() {
     let snap = std::env::temp_dir().join(format!("kvmesh-e2e-{}.snap", std::process::id()));
     let _ = std::fs::remove_file(&snap);
     // The engines keep their ports across a restart: the daemon's arguments can be fixed now.
+    // e1 is given by its event endpoints; e2 is discovered from its own `GET /kv_event_sources`.
     let engine_args = [
         format!("e1={},replay={}", e1.pub_endpoint, e1.replay_endpoint),
-        format!("e2={},replay={}", e2.pub_endpoint, e2.replay_endpoint),
+        format!("e2={}", e2.url),
     ];
     let start_daemon = || {
         Daemon(
@@ -184,7 +185,7 @@ fn index_predicts_vllm_prefix_hits() {
                 ])
                 .args(["--snapshot-interval", "1", "--snapshot"])
                 .arg(&snap)
-                .args(["--engine", &engine_args[0], "--engine", &engine_args[1]])
+                .args(["--engine", &engine_args[0], "--engine-url", &engine_args[1]])
                 .stdout(std::process::Stdio::null())
                 .spawn()
                 .expect("kvmesh serve starts"),
