@@ -1,0 +1,251 @@
+//! The query walk: following a prompt's chain of block keys through the block table, engines
+//! 32 at a time as bit masks, with the next blocks' slots prefetched ahead.
+
+use super::*;
+
+/// Per query scratch, sized to the engine slots.
+pub(super) struct Walk {
+    pub(super) matched: Vec<u32>,
+    pub(super) tiers: Vec<[u32; TIERS]>,
+    /// Per tier: matched blocks whose best tier that is.
+    pub(super) best: Vec<[u32; TIERS]>,
+    /// Where each engine's current run on a tier (and as best tier) began.
+    pub(super) since: Vec<[u32; TIERS]>,
+    pub(super) best_since: Vec<[u32; TIERS]>,
+    pub(super) score: Vec<f64>,
+    pub(super) allowed: Vec<bool>,
+}
+
+impl Walk {
+    pub(super) fn new(n: usize) -> Self {
+        Walk {
+            matched: vec![0; n],
+            tiers: vec![[0; TIERS]; n],
+            best: vec![[0; TIERS]; n],
+            since: vec![[0; TIERS]; n],
+            best_since: vec![[0; TIERS]; n],
+            score: vec![0.0; n],
+            allowed: vec![false; n],
+        }
+    }
+
+    /// Group `g`'s holding masks change from `old` to `new` at block `depth`: engines whose bit
+    /// turns on start a run there, engines whose bit turns off are credited with theirs.
+    fn transition(
+        &mut self,
+        g: usize,
+        old: &[u32; TIERS],
+        new: &[u32; TIERS],
+        depth: u32,
+        by_weight: &[usize; TIERS],
+    ) {
+        let base = g * LANES as usize;
+        let best = |m: &[u32; TIERS]| {
+            let mut out = [0u32; TIERS];
+            let mut better = 0u32;
+            for &t in by_weight {
+                out[t] = m[t] & !better;
+                better |= m[t];
+            }
+            out
+        };
+        let (old_best, new_best) = (best(old), best(new));
+        for t in 0..TIERS {
+            let mut on = new[t] & !old[t];
+            while on != 0 {
+                let lane = on.trailing_zeros() as usize;
+                on &= on - 1;
+                self.since[base + lane][t] = depth;
+            }
+            let mut off = old[t] & !new[t];
+            while off != 0 {
+                let lane = off.trailing_zeros() as usize;
+                off &= off - 1;
+                self.tiers[base + lane][t] += depth - self.since[base + lane][t];
+            }
+            let mut on = new_best[t] & !old_best[t];
+            while on != 0 {
+                let lane = on.trailing_zeros() as usize;
+                on &= on - 1;
+                self.best_since[base + lane][t] = depth;
+            }
+            let mut off = old_best[t] & !new_best[t];
+            while off != 0 {
+                let lane = off.trailing_zeros() as usize;
+                off &= off - 1;
+                self.best[base + lane][t] += depth - self.best_since[base + lane][t];
+            }
+        }
+    }
+}
+
+/// A walk's state for one group of 32 engines.
+#[derive(Clone, Copy, Default)]
+struct GroupWalk {
+    /// Engines still on a consecutive run from block 0.
+    active: u32,
+    /// Of those, the ones holding the current block: tier t's mask in bits 32t..32t+32 (one
+    /// word, so writing it per slot and reading it per block stay the same width).
+    holding: u128,
+    /// The holding masks of the previous block (an engine is credited when its bit turns off).
+    prev: u128,
+}
+
+#[inline]
+fn unpack(m: u128) -> [u32; TIERS] {
+    [
+        m as u32,
+        (m >> 32) as u32,
+        (m >> 64) as u32,
+        (m >> 96) as u32,
+    ]
+}
+
+/// Blocks whose keys a walk computes, and whose table slots it fetches, ahead of use.
+const BATCH: usize = 16;
+
+/// Walks a chain of `n` keys (produced lazily by `key_of`) over the block table, advancing every
+/// allowed engine that holds each block consecutively from block 0; stops when none advances.
+///
+/// Engines are handled 32 at a time as bit masks: an engine leaves its group's active mask at the
+/// first block it lacks (its match length is recorded then), and per-tier counts are kept in
+/// bit-sliced counters, so a block costs a few word operations per group however many engines
+/// hold it. Keys come [`BATCH`] at a time, and the home slots of the next batch are prefetched
+/// while the current one is processed, so cache misses overlap each other and the hashing.
+pub(super) fn walk_chain(
+    blocks: &Table,
+    walk: &mut Walk,
+    weights: &[f64; TIERS],
+    stamp: u16,
+    n: usize,
+    mut key_of: impl FnMut(usize) -> Option<u64>,
+) {
+    let ngroups = walk.matched.len().div_ceil(LANES as usize);
+    let mut groups = vec![GroupWalk::default(); ngroups];
+    let mut live: Vec<usize> = Vec::new();
+    for (g, gw) in groups.iter_mut().enumerate() {
+        for lane in 0..LANES as usize {
+            if walk
+                .allowed
+                .get(g * LANES as usize + lane)
+                .copied()
+                .unwrap_or(false)
+            {
+                gw.active |= 1 << lane;
+            }
+        }
+        if gw.active != 0 {
+            live.push(g);
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    // Tiers from the highest weight down: a block scores the weight of its best tier.
+    let mut by_weight = [0usize, 1, 2, 3];
+    by_weight.sort_by(|a, b| weights[*b].total_cmp(&weights[*a]));
+    let mut cur = [0u64; BATCH];
+    let mut nxt = [0u64; BATCH];
+    let mut fill = |buf: &mut [u64; BATCH], base: usize| -> usize {
+        let want = n.saturating_sub(base).min(BATCH);
+        for (j, slot) in buf.iter_mut().enumerate().take(want) {
+            match key_of(base + j) {
+                Some(k) => {
+                    *slot = k;
+                    blocks.prefetch(k);
+                }
+                None => return j,
+            }
+        }
+        want
+    };
+    let mut depth = 0u32;
+    let mut base = 0;
+    let mut got = fill(&mut cur, 0);
+    'walk: while got > 0 {
+        let next_got = if got == BATCH {
+            fill(&mut nxt, base + BATCH)
+        } else {
+            0
+        };
+        for &key in cur.iter().take(got) {
+            blocks.for_each_indexed(key, |idx, v| {
+                let g = v_group(v) as usize;
+                if let Some(gw) = groups.get_mut(g) {
+                    let held = v as u32 & gw.active;
+                    if held != 0 {
+                        gw.holding |= u128::from(held) << (32 * v_tier(v));
+                        if v_stamp(v) != stamp {
+                            blocks.try_update(idx, key, v, with_stamp(v, stamp));
+                        }
+                    }
+                }
+                v & MORE != 0
+            });
+            let mut advanced = false;
+            let mut k = 0;
+            while k < live.len() {
+                let g = live[k];
+                let gw = &mut groups[g];
+                let holding = gw.holding;
+                gw.holding = 0;
+                let any = {
+                    let h = holding as u64 | (holding >> 64) as u64;
+                    h as u32 | (h >> 32) as u32
+                };
+                if any != 0 && holding == gw.prev {
+                    // The common case: every running engine goes on, on the same tiers.
+                    advanced = true;
+                    k += 1;
+                    continue;
+                }
+                walk.transition(g, &unpack(gw.prev), &unpack(holding), depth, &by_weight);
+                gw.prev = holding;
+                // Engines whose run ends here: their match is `depth` blocks long.
+                let mut ended = gw.active & !any;
+                while ended != 0 {
+                    let lane = ended.trailing_zeros();
+                    ended &= ended - 1;
+                    walk.matched[g * LANES as usize + lane as usize] = depth;
+                }
+                gw.active = any;
+                if any == 0 {
+                    live.swap_remove(k);
+                    continue;
+                }
+                advanced = true;
+                k += 1;
+            }
+            if !advanced {
+                break 'walk;
+            }
+            depth += 1;
+        }
+        if got < BATCH {
+            break;
+        }
+        base += BATCH;
+        std::mem::swap(&mut cur, &mut nxt);
+        got = next_got;
+    }
+    // Engines still running reached the end of the chain.
+    for &g in &live {
+        let gw = groups[g];
+        walk.transition(g, &unpack(gw.prev), &[0; TIERS], depth, &by_weight);
+        let mut rest = gw.active;
+        while rest != 0 {
+            let lane = rest.trailing_zeros();
+            rest &= rest - 1;
+            walk.matched[g * LANES as usize + lane as usize] = depth;
+        }
+    }
+    for e in 0..walk.matched.len() {
+        if walk.allowed[e] && walk.matched[e] > 0 {
+            walk.score[e] = weights
+                .iter()
+                .zip(walk.best[e])
+                .map(|(w, c)| w * f64::from(c))
+                .sum();
+        }
+    }
+}
