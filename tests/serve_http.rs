@@ -493,3 +493,90 @@ fn bearer_token_guards_the_api() {
         "{text}"
     );
 }
+
+#[test]
+fn rust_client_against_the_daemon() {
+    use kvmesh::client::{ClientError, IndexClient, NewEngine, ScoreRequest};
+    let ctx = zmq::Context::new();
+    let pub_port = free_port();
+    let publ = EventPublisher::start(
+        &ctx,
+        PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}")),
+    )
+    .expect("publisher");
+    let http = free_port();
+    let _server = Server(
+        Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{http}"),
+                "--model",
+                "m",
+            ])
+            .env("KVMESH_AUTH_TOKEN", "tok")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("kvmesh serve starts"),
+    );
+    let base = format!("http://127.0.0.1:{http}");
+    wait_for("healthz", || {
+        agent()
+            .get(&format!("{base}/healthz"))
+            .call()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+    let client = IndexClient::new(base.clone()).with_token("tok");
+    client
+        .add_engine(&NewEngine {
+            name: "e1".into(),
+            endpoint: format!("tcp://127.0.0.1:{pub_port}"),
+            replay_endpoint: None,
+            model: None,
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    publ.publish(&stored(&[1, 2], None, 0)).unwrap();
+    let req = ScoreRequest::tokens("m", (0..40).collect());
+    wait_for("ingestion", || {
+        client.score(&req).map(|s| s.len() == 1).unwrap_or(false)
+    });
+    let s = client.score(&req).unwrap();
+    assert_eq!(
+        (s[0].name.as_str(), s[0].matched_blocks, s[0].tiers.gpu),
+        ("e1", 2, 2)
+    );
+    assert_eq!(
+        client.score(&ScoreRequest::hashes("m", vec![1])).unwrap()[0].matched_tokens,
+        16
+    );
+    let engines = client.engines().unwrap();
+    assert_eq!(
+        (engines[0].name.as_str(), engines[0].state.as_str()),
+        ("e1", "connected")
+    );
+    // Refusals come back as errors with the daemon's message.
+    let bad = client
+        .score(&ScoreRequest {
+            model: "m".into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&bad, ClientError::Refused { status: 400, message } if message.contains("token_ids")),
+        "{bad}"
+    );
+    let unauth = IndexClient::new(base.clone()).score(&req).unwrap_err();
+    assert!(matches!(unauth, ClientError::Refused { status: 401, .. }));
+    client.remove_engine("e1").unwrap();
+    assert!(client.engines().unwrap().is_empty());
+    assert!(matches!(
+        client.remove_engine("e1"),
+        Err(ClientError::Refused { status: 404, .. })
+    ));
+    let down = IndexClient::new(format!("http://127.0.0.1:{}", free_port()))
+        .engines()
+        .unwrap_err();
+    assert!(matches!(down, ClientError::Transport(_)));
+}
