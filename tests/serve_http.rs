@@ -47,6 +47,17 @@ fn get(url: &str) -> (u16, String) {
     )
 }
 
+/// Waits until the daemon at `base` answers its health check.
+fn wait_healthy(base: &str) {
+    wait_for("healthz", || {
+        agent()
+            .get(&format!("{base}/healthz"))
+            .call()
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    });
+}
+
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -105,13 +116,7 @@ fn serve_http_api() {
             .spawn()
             .expect("kvmesh serve starts"),
     );
-    wait_for("healthz", || {
-        agent()
-            .get(&format!("{base}/healthz"))
-            .call()
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-    });
+    wait_healthy(&base);
     assert_eq!(get(&format!("{base}/readyz")).0, 200);
     std::thread::sleep(Duration::from_millis(300));
     publ.publish(&stored(&[1, 2], None, 0)).unwrap();
@@ -304,13 +309,7 @@ fn replicas_share_an_index_on_redis() {
     let _a = start(http_a, true);
     let _b = start(http_b, false);
     for port in [http_a, http_b] {
-        wait_for("healthz", || {
-            agent()
-                .get(&format!("http://127.0.0.1:{port}/healthz"))
-                .call()
-                .map(|r| r.status() == 200)
-                .unwrap_or(false)
-        });
+        wait_healthy(&format!("http://127.0.0.1:{port}"));
     }
     std::thread::sleep(Duration::from_millis(300));
     publ.publish(&stored(&[1, 2], None, 0)).unwrap();
@@ -454,13 +453,7 @@ fn bearer_token_guards_the_api() {
             .spawn()
             .expect("kvmesh serve starts"),
     );
-    wait_for("healthz", || {
-        agent()
-            .get(&format!("{base}/healthz"))
-            .call()
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-    });
+    wait_healthy(&base);
     let body = r#"{"model":"m","token_ids":[1,2,3]}"#;
     let score = |auth: Option<&str>| {
         let mut req = agent().post(&format!("{base}/v1/score"));
@@ -520,13 +513,7 @@ fn rust_client_against_the_daemon() {
             .expect("kvmesh serve starts"),
     );
     let base = format!("http://127.0.0.1:{http}");
-    wait_for("healthz", || {
-        agent()
-            .get(&format!("{base}/healthz"))
-            .call()
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-    });
+    wait_healthy(&base);
     let client = IndexClient::new(base.clone()).with_token("tok");
     client
         .add_engine(&NewEngine {
