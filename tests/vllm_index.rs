@@ -98,13 +98,15 @@ impl Drop for Daemon {
 /// The daemon's prediction over HTTP, once it has applied each engine's stream as far as the
 /// in-process ingestor (both read the same streams).
 fn daemon_prediction(base: &str, ing: &Ingestor, engine: &str, prompt: &[u32]) -> u64 {
-    let want: std::collections::HashMap<String, Option<u64>> = ing
-        .status()
-        .into_iter()
-        .map(|s| (s.name.clone(), s.last_seq))
-        .collect();
     let t = Instant::now();
     loop {
+        // Read afresh each time: an engine may publish a late batch while we wait, and then both
+        // readers move on, so only equality of the two current positions means "caught up".
+        let want: std::collections::HashMap<String, Option<u64>> = ing
+            .status()
+            .into_iter()
+            .map(|s| (s.name.clone(), s.last_seq))
+            .collect();
         let v: serde_json::Value = ureq::get(&format!("{base}/v1/engines"))
             .call()
             .expect("GET /v1/engines")
@@ -122,7 +124,7 @@ fn daemon_prediction(base: &str, ing: &Ingestor, engine: &str, prompt: &[u32]) -
         }
         assert!(
             t.elapsed() < Duration::from_secs(30),
-            "the daemon never caught up: {v}"
+            "the daemon never caught up with the in-process ingestor ({want:?}): {v}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
