@@ -304,7 +304,20 @@ struct DState {
     seen: HashMap<BlockKey, u8>,
 }
 
+static OPEN_DIRS: Mutex<std::collections::BTreeSet<PathBuf>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// A directory registered as open in this process; unregistered on drop.
+struct Registered(PathBuf);
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        OPEN_DIRS.lock().remove(&self.0);
+    }
+}
+
 struct Shared {
+    // Dropped last (fields drop in order): the files are closed before the directory is free.
     dir: PathBuf,
     data: File,
     hdr: File,
@@ -318,6 +331,7 @@ struct Shared {
     seq: AtomicU64,
     state: Mutex<DState>,
     stats: TierCounters,
+    _registered: Registered,
 }
 
 /// What a disk put did.
@@ -420,15 +434,25 @@ impl DiskTier {
         if read_only {
             tracing::warn!(dir = %dshow, "disk tier opened read-only: the directory refuses writes");
         }
-        let lock = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on an open descriptor we own.
-        if unsafe { libc::flock(hdr.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+        // One opener at a time: a POSIX record lock against other processes (not inherited by
+        // children, so a fork elsewhere in the process cannot keep it), and a registry of the
+        // directories open in this process.
+        let canon = std::fs::canonicalize(&dir).unwrap_or_else(|_| dir.clone());
+        if !OPEN_DIRS.lock().insert(canon.clone()) {
             return Err(StoreError::io(
-                format!("disk tier at {dshow} is in use by another process"),
+                format!("disk tier at {dshow} is in use by another process or handle"),
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        let registered = Registered(canon);
+        // SAFETY: an all-zero flock struct is valid; the fields we need are set below.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = if read_only { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
+        fl.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: F_SETLK on our descriptor with a valid flock struct.
+        if unsafe { libc::fcntl(hdr.as_raw_fd(), libc::F_SETLK, &fl) } != 0 {
+            return Err(StoreError::io(
+                format!("disk tier at {dshow} is in use by another process or handle"),
                 std::io::Error::last_os_error(),
             ));
         }
@@ -628,6 +652,7 @@ impl DiskTier {
                     seen: HashMap::new(),
                 }),
                 stats: TierCounters::default(),
+                _registered: registered,
             }),
             recovery: rec,
         })
@@ -1035,7 +1060,7 @@ fn open_data(path: &Path, mode: DirectIo, read_only: bool, dshow: &str) -> Resul
         return Ok((f, false));
     }
     let reason = match open(true) {
-        Ok(f) => match verify_direct(&f) {
+        Ok(f) => match verify_direct(&f, path.parent().unwrap_or(Path::new(".")), read_only) {
             Ok(()) => return Ok((f, true)),
             Err(r) => r,
         },
@@ -1055,28 +1080,46 @@ fn open_data(path: &Path, mode: DirectIo, read_only: bool, dshow: &str) -> Resul
     Ok((f, false))
 }
 
-/// O_DIRECT is in effect when the flag stuck and the kernel refuses a misaligned direct read.
-fn verify_direct(f: &File) -> std::result::Result<(), String> {
+/// O_DIRECT is in effect when the flag stuck and the kernel refuses a misaligned direct read of
+/// written data. (Reads of holes and unwritten extents skip the alignment check, so the probe
+/// runs on a scratch file it writes first; a read-only tier probes its data file.)
+fn verify_direct(f: &File, dir: &Path, read_only: bool) -> std::result::Result<(), String> {
     // SAFETY: F_GETFL on our descriptor.
     let fl = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
     if fl < 0 || fl & libc::O_DIRECT == 0 {
         return Err("O_DIRECT did not stick on the descriptor".into());
     }
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len < (2 * IO_ALIGN) as u64 {
-        // A new file: size it so the probe reads real bytes.
-        let _ = f.set_len((2 * IO_ALIGN) as u64);
-    }
     let mut buf = AlignedBuf::zeroed(2 * IO_ALIGN);
+    buf.full_mut().fill(0x5A);
+    let probe_path = dir.join("kvstore.probe");
+    let scratch;
+    let probe: &File = if read_only {
+        f
+    } else {
+        scratch = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe_path)
+            .map_err(|e| format!("cannot create the O_DIRECT probe file: {e}"))?;
+        let w = scratch.write_all_at(buf.full(), 0);
+        if let Err(e) = w {
+            let _ = std::fs::remove_file(&probe_path);
+            return Err(format!("an aligned direct write failed: {e}"));
+        }
+        &scratch
+    };
     let full = buf.full_mut();
-    // A buffer one byte past a page boundary, 4 KiB long: direct I/O must refuse it.
-    match f.read_at(&mut full[1..1 + IO_ALIGN], 0) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-        Ok(_) => return Err("a misaligned read succeeded, so the file system ignores O_DIRECT".into()),
-        Err(e) => return Err(format!("probe read failed: {e}")),
+    // An aligned buffer at file offset 1: direct I/O must refuse it.
+    let r = probe.read_at(&mut full[..IO_ALIGN], 1);
+    if !read_only {
+        let _ = std::fs::remove_file(&probe_path);
     }
-    match f.read_at(&mut full[..IO_ALIGN], 0) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(format!("an aligned direct read failed: {e}")),
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        Ok(_) => Err("a misaligned read succeeded, so the file system ignores O_DIRECT".into()),
+        Err(e) => Err(format!("probe read failed: {e}")),
     }
 }
