@@ -6,7 +6,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod demo;
-mod serve;
+
+use kvmesh::serve;
 
 #[derive(Parser)]
 #[command(

@@ -100,6 +100,7 @@ fn serve_http_api() {
     let base = format!("http://127.0.0.1:{http}");
     let _server = Server(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+            .env("KVMESH_GRPC_LISTEN", "off")
             .args([
                 "serve",
                 "--listen",
@@ -210,7 +211,8 @@ fn serve_http_api() {
         text.contains("kvmesh_index_query_duration_seconds_count"),
         "{text}"
     );
-    assert!(text.contains("kvmesh_http_bad_requests_total 8"), "{text}");
+    // Six bad scores, the oversized one, the bad engine, the duplicate engine, the unknown delete.
+    assert!(text.contains("kvmesh_api_bad_requests_total 10"), "{text}");
 }
 
 #[test]
@@ -224,6 +226,7 @@ fn print_config_merges_file_env_and_flags() {
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .env("KVMESH_GRPC_LISTEN", "off")
         .args(["serve", "--print-config", "--config"])
         .arg(&file)
         .args([
@@ -261,6 +264,7 @@ fn print_config_merges_file_env_and_flags() {
     assert_eq!(engines[1]["dp_rank"].as_integer(), Some(1));
     // A bad engine flag and an unknown key are clear errors.
     let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .env("KVMESH_GRPC_LISTEN", "off")
         .args(["serve", "--print-config", "--engine", "nameonly"])
         .output()
         .unwrap();
@@ -268,6 +272,7 @@ fn print_config_merges_file_env_and_flags() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("NAME=tcp://"));
     std::fs::write(&file, "listen = \"x\"\nsurprise = 1\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .env("KVMESH_GRPC_LISTEN", "off")
         .args(["serve", "--print-config", "--config"])
         .arg(&file)
         .output()
@@ -289,6 +294,7 @@ fn replicas_share_an_index_on_redis() {
     .expect("publisher");
     let start = |http: u16, engine: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmesh"));
+        cmd.env("KVMESH_GRPC_LISTEN", "off");
         cmd.args([
             "serve",
             "--listen",
@@ -347,6 +353,7 @@ fn restarted_daemon_answers_from_its_snapshot_then_catches_up() {
     let start = |http: u16| {
         Server(
             Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+                .env("KVMESH_GRPC_LISTEN", "off")
                 .args([
                     "serve",
                     "--listen",
@@ -413,6 +420,7 @@ fn restarted_daemon_answers_from_its_snapshot_then_catches_up() {
     std::fs::write(&snap, &bytes).unwrap();
     let http = free_port();
     let mut third = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .env("KVMESH_GRPC_LISTEN", "off")
         .args([
             "serve",
             "--listen",
@@ -441,6 +449,7 @@ fn bearer_token_guards_the_api() {
     let base = format!("http://127.0.0.1:{http}");
     let _server = Server(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+            .env("KVMESH_GRPC_LISTEN", "off")
             .args([
                 "serve",
                 "--listen",
@@ -476,6 +485,7 @@ fn bearer_token_guards_the_api() {
     );
     // The token is never printed back.
     let out = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .env("KVMESH_GRPC_LISTEN", "off")
         .args(["serve", "--print-config"])
         .env("KVMESH_AUTH_TOKEN", "s3cret")
         .output()
@@ -500,6 +510,7 @@ fn rust_client_against_the_daemon() {
     let http = free_port();
     let _server = Server(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+            .env("KVMESH_GRPC_LISTEN", "off")
             .args([
                 "serve",
                 "--listen",

@@ -1,6 +1,6 @@
 //! End to end with real vLLM: two engines (CPU build, tiny random-weight model) publish KV events
 //! over ZMQ; kvindex ingests them in process, and a `kvmesh serve` daemon ingests them too and is
-//! asked over HTTP. Before each request, the index's predicted prefix hit for the
+//! asked over HTTP and over gRPC (both must agree). Before each request, the index's predicted prefix hit for the
 //! target engine must equal the `cached_tokens` vLLM then reports. One engine has a KV cache small
 //! enough to force evictions; the other is killed and restarted half-way.
 
@@ -13,6 +13,7 @@ use common::{require_vllm, Engine};
 use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor};
 use kvindex::vllm_hash::{VllmHashAlgo, VllmHasher};
 use kvindex::{EngineHash, EngineId, Index, Namespace, Query, QueryBlocks};
+use kvmesh::client::{GrpcIndexClient, ScoreRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -97,7 +98,13 @@ impl Drop for Daemon {
 
 /// The daemon's prediction over HTTP, once it has applied each engine's stream as far as the
 /// in-process ingestor (both read the same streams).
-fn daemon_prediction(base: &str, ing: &Ingestor, engine: &str, prompt: &[u32]) -> u64 {
+fn daemon_prediction(
+    base: &str,
+    grpc_url: &str,
+    ing: &Ingestor,
+    engine: &str,
+    prompt: &[u32],
+) -> u64 {
     let t = Instant::now();
     loop {
         // Read afresh each time: an engine may publish a late batch while we wait, and then both
@@ -136,6 +143,16 @@ fn daemon_prediction(base: &str, ing: &Ingestor, engine: &str, prompt: &[u32]) -
         .read_json()
         .expect("score JSON");
     let matched = v["engines"][0]["matched_tokens"].as_u64().unwrap_or(0);
+    // The gRPC API answers the same.
+    let grpc = GrpcIndexClient::connect(grpc_url, None, None).expect("gRPC connects");
+    let mut req = ScoreRequest::tokens(MODEL, prompt.to_vec());
+    req.engines = Some(vec![engine.to_owned()]);
+    let by_grpc = grpc
+        .score(&req)
+        .expect("gRPC score")
+        .first()
+        .map_or(0, |e| u64::from(e.matched_tokens));
+    assert_eq!(by_grpc, matched, "gRPC and HTTP disagree on {engine}");
     let cap = ((prompt.len() as u64 - 1) / BLOCK as u64) * BLOCK as u64;
     matched.min(cap)
 }
@@ -167,6 +184,8 @@ fn index_predicts_vllm_prefix_hits() {
     }
     // The daemon subscribes to the same engines (PUB and replay sockets serve many readers).
     let http = common::free_port();
+    let grpc_port = common::free_port();
+    let grpc_url = format!("http://127.0.0.1:{grpc_port}");
     let snap = std::env::temp_dir().join(format!("kvmesh-e2e-{}.snap", std::process::id()));
     let _ = std::fs::remove_file(&snap);
     // The engines keep their ports across a restart: the daemon's arguments can be fixed now.
@@ -182,6 +201,8 @@ fn index_predicts_vllm_prefix_hits() {
                     "serve",
                     "--listen",
                     &format!("127.0.0.1:{http}"),
+                    "--grpc-listen",
+                    &format!("127.0.0.1:{grpc_port}"),
                     "--model",
                     MODEL,
                 ])
@@ -240,7 +261,7 @@ fn index_predicts_vllm_prefix_hits() {
         settle(&ing);
         let engine = if target == 0 { &e1 } else { &e2 };
         let want = predicted(&index, ids[target], &prompt);
-        let by_daemon = daemon_prediction(&base, &ing, &engine.name, &prompt);
+        let by_daemon = daemon_prediction(&base, &grpc_url, &ing, &engine.name, &prompt);
         let resp = engine.complete(&prompt);
         let got = Engine::cached_tokens(&resp);
         checked += 1;
