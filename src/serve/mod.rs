@@ -5,6 +5,7 @@
 //! `--print-config` prints the merged result as TOML and exits.
 
 mod api;
+mod discovery;
 mod grpc;
 mod http;
 mod tls;
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use api::Backend;
 pub use api::{ApiError, App, EngineScore, EngineStatus, ScoreRequest, TierCounts};
+pub use discovery::{parse_dns_pool, DnsPool};
 pub use grpc::pb;
 
 /// Options of `kvmesh serve`.
@@ -74,6 +76,17 @@ pub struct ServeArgs {
     /// names the event (and replay) endpoints of every data-parallel rank (repeatable).
     #[arg(long = "engine-url", value_name = "SPEC")]
     pub engine_urls: Vec<String>,
+    /// A pool of engines behind a DNS name (e.g. a Kubernetes headless Service), re-resolved
+    /// periodically: NAME=HOST:PORT[,replay=PORT][,model=M][,topic=T] (repeatable). Each address
+    /// is an engine NAME-ADDRESS; addresses that disappear are purged.
+    #[arg(long = "engine-dns", value_name = "SPEC")]
+    pub engine_dns: Vec<String>,
+    /// DNS server for --engine-dns (IP:PORT) [default: the system's resolv.conf].
+    #[arg(long, env = "KVMESH_DNS_SERVER")]
+    pub dns_server: Option<String>,
+    /// Milliseconds between DNS re-resolutions [default: 5000].
+    #[arg(long, env = "KVMESH_DNS_INTERVAL_MS")]
+    pub dns_interval_ms: Option<u64>,
     /// Print the merged configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -133,6 +146,12 @@ pub struct ServeConfig {
     pub max_request_bytes: usize,
     pub tier_weights: TierWeights,
     pub engines: Vec<EngineConfig>,
+    /// Pools of engines discovered through DNS.
+    pub dns_pools: Vec<DnsPool>,
+    /// DNS server of the pools (IP:PORT); the system's when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_server: Option<String>,
+    pub dns_interval_ms: u64,
 }
 
 impl Default for ServeConfig {
@@ -158,6 +177,9 @@ impl Default for ServeConfig {
                 remote: w[3],
             },
             engines: Vec::new(),
+            dns_pools: Vec::new(),
+            dns_server: None,
+            dns_interval_ms: 5000,
         }
     }
 }
@@ -320,6 +342,19 @@ pub fn load_config(args: &ServeArgs) -> Result<ServeConfig> {
     for e in &args.engines {
         c.engines.push(parse_engine(e)?);
     }
+    for spec in &args.engine_dns {
+        c.dns_pools.push(parse_dns_pool(spec)?);
+    }
+    if let Some(v) = &args.dns_server {
+        c.dns_server = Some(v.clone());
+    }
+    if let Some(v) = args.dns_interval_ms {
+        c.dns_interval_ms = v.max(10);
+    }
+    if let Some(s) = &c.dns_server {
+        s.parse::<SocketAddr>()
+            .with_context(|| format!("--dns-server {s:?}: expected IP:PORT"))?;
+    }
     for spec in &args.engine_urls {
         c.engines.extend(discover(spec)?);
     }
@@ -467,10 +502,21 @@ impl Daemon {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let router = http::router(app.clone());
         let grpc_app = app.clone();
+        let dns = (!config.dns_pools.is_empty()).then(|| {
+            discovery::run(
+                app.clone(),
+                config.dns_pools.clone(),
+                config.dns_server.as_deref().and_then(|s| s.parse().ok()),
+                std::time::Duration::from_millis(config.dns_interval_ms),
+            )
+        });
         let thread = std::thread::Builder::new()
             .name("kvmesh-serve".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    if let Some(dns) = dns {
+                        tokio::spawn(dns);
+                    }
                     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
                         let _ = rx.wait_for(|s| *s).await;
                     };
