@@ -232,7 +232,8 @@ impl AlignedBuf {
         let layout = std::alloc::Layout::from_size_align(cap, IO_ALIGN).expect("valid layout");
         // SAFETY: layout has a non-zero size.
         let p = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
         AlignedBuf { ptr, len, cap }
     }
 
@@ -447,7 +448,11 @@ impl DiskTier {
         let registered = Registered(canon);
         // SAFETY: an all-zero flock struct is valid; the fields we need are set below.
         let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = if read_only { libc::F_RDLCK } else { libc::F_WRLCK } as libc::c_short;
+        fl.l_type = if read_only {
+            libc::F_RDLCK
+        } else {
+            libc::F_WRLCK
+        } as libc::c_short;
         fl.l_whence = libc::SEEK_SET as libc::c_short;
         // SAFETY: F_SETLK on our descriptor with a valid flock struct.
         if unsafe { libc::fcntl(hdr.as_raw_fd(), libc::F_SETLK, &fl) } != 0 {
@@ -487,12 +492,11 @@ impl DiskTier {
                 .map_err(|e| full_or_io(&dshow, "writing the header table", e))?;
         } else {
             let mut page = vec![0u8; IO_ALIGN];
-            hdr.read_exact_at(&mut page, 0).map_err(|e| {
-                StoreError::Incompatible {
+            hdr.read_exact_at(&mut page, 0)
+                .map_err(|e| StoreError::Incompatible {
                     path: dshow.clone(),
                     reason: format!("header table is truncated ({e})"),
-                }
-            })?;
+                })?;
             let n = std::mem::size_of::<ArchivedSuperblock>();
             let mut al = rkyv::util::AlignedVec::<16>::with_capacity(n);
             al.extend_from_slice(&page[..n]);
@@ -701,7 +705,9 @@ impl DiskTier {
     /// Whether `key` is held (not counted as an access).
     pub fn contains(&self, key: BlockKey) -> bool {
         let st = self.sh.state.lock();
-        st.map.get(&key).is_some_and(|&s| st.slots[s as usize].ready)
+        st.map
+            .get(&key)
+            .is_some_and(|&s| st.slots[s as usize].ready)
     }
 
     /// Every held key.
@@ -845,7 +851,8 @@ impl DiskTier {
         }
         let checksum = xxh3_64(data);
         let off = slot as u64 * self.sh.slot_bytes as u64;
-        let aligned = data.as_ptr() as usize % IO_ALIGN == 0 && data.len() % IO_ALIGN == 0;
+        let aligned = (data.as_ptr() as usize).is_multiple_of(IO_ALIGN)
+            && data.len().is_multiple_of(IO_ALIGN);
         let res = if aligned || !self.sh.direct {
             self.sh.data.write_all_at(data, off)
         } else {
@@ -878,9 +885,7 @@ impl DiskTier {
 
     fn pin(&self, key: BlockKey) -> Option<(u32, usize, u64)> {
         let mut st = self.sh.state.lock();
-        let Some(&s) = st.map.get(&key) else {
-            return None;
-        };
+        let &s = st.map.get(&key)?;
         let sl = &mut st.slots[s as usize];
         if !sl.ready {
             return None;
@@ -941,7 +946,7 @@ impl DiskTier {
             self.sh.stats.miss();
             return Ok(false);
         };
-        if dst.as_ptr() as usize % IO_ALIGN == 0 && len % IO_ALIGN == 0 {
+        if (dst.as_ptr() as usize).is_multiple_of(IO_ALIGN) && len.is_multiple_of(IO_ALIGN) {
             self.unpin_after_read(key, slot, len, dst)?;
         } else {
             let mut buf = AlignedBuf::zeroed(len);
@@ -970,8 +975,15 @@ impl DiskTier {
             self.unpin_or_drop(key, slot, true);
             self.sh.stats.error();
             self.sh.stats.corrupt.fetch_add(1, Relaxed);
-            tracing::error!(key = format_args!("{:016x}", key.0), "disk tier: checksum mismatch, block dropped");
-            return Err(StoreError::corrupt("disk", key, "payload checksum mismatch"));
+            tracing::error!(
+                key = format_args!("{:016x}", key.0),
+                "disk tier: checksum mismatch, block dropped"
+            );
+            return Err(StoreError::corrupt(
+                "disk",
+                key,
+                "payload checksum mismatch",
+            ));
         }
         self.unpin_or_drop(key, slot, false);
         self.sh.stats.read_done(len, t0);
@@ -1022,7 +1034,6 @@ impl DiskTier {
             self.sh.block_bytes as u64,
         )
     }
-
 }
 
 fn header_off(slot: u32) -> u64 {

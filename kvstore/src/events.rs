@@ -58,14 +58,12 @@ impl TierEvents {
 
     /// Events published over ZMQ as they happen (and not kept).
     #[cfg(feature = "zmq")]
-    pub fn publish(
-        ctx: &zmq::Context,
-        cfg: kvindex::publish::PublisherConfig,
-    ) -> Result<Self> {
-        let p = kvindex::publish::EventPublisher::start(ctx, cfg).map_err(|e| StoreError::Remote {
-            tier: "event publisher".into(),
-            reason: e.to_string(),
-        })?;
+    pub fn publish(ctx: &zmq::Context, cfg: kvindex::publish::PublisherConfig) -> Result<Self> {
+        let p =
+            kvindex::publish::EventPublisher::start(ctx, cfg).map_err(|e| StoreError::Remote {
+                tier: "event publisher".into(),
+                reason: e.to_string(),
+            })?;
         Ok(TierEvents {
             publisher: Some(p),
             keep: false,
@@ -122,7 +120,11 @@ impl TierEvents {
             }
         }
         #[cfg(not(feature = "zmq"))]
-        let _ = (SystemTime::now(), UNIX_EPOCH, std::mem::size_of::<EventBatch>());
+        let _ = (
+            SystemTime::now(),
+            UNIX_EPOCH,
+            std::mem::size_of::<EventBatch>(),
+        );
         if self.keep {
             let mut p = self.pending.lock();
             p.extend(events);

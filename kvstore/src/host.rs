@@ -105,7 +105,7 @@ impl Arena {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
         let mut kind = HugePages::None;
         let mut ptr = libc::MAP_FAILED;
-        if huge && len % (2 << 20) == 0 {
+        if huge && len.is_multiple_of(2 << 20) {
             // SAFETY: an anonymous mapping with no address hint has no preconditions.
             ptr = unsafe {
                 libc::mmap(
@@ -331,7 +331,10 @@ impl HostTier {
         let slot = {
             let mut st = self.sh.state.lock();
             if st.map.contains_key(&key) {
-                self.sh.stats.dedup.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.sh
+                    .stats
+                    .dedup
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return Ok(HostPut::Present);
             }
             let s = match st.free.pop() {
@@ -489,7 +492,6 @@ impl HostTier {
             self.sh.block_bytes as u64,
         )
     }
-
 
     fn unpin(&self, s: u32) {
         let mut st = self.sh.state.lock();

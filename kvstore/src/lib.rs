@@ -83,14 +83,13 @@ pub mod store;
 pub use disk::{Admission, BlockHeader, DirectIo, DiskConfig, DiskPut, DiskTier, Recovery};
 pub use error::{Result, StoreError};
 pub use events::{BlockMeta, TierEvents};
-pub use remote::{
-    BlockSource, PeerConfig, PeerServer, PeerTier, RedisConfig, RedisTier, RemoteConfig,
-    RemoteTier,
-};
-pub use store::{
-    Lookup, PipelineStats, Prefetch, Prefetched, StoreConfig, StoreStats, TierKind, TieredStore,
-};
 pub use host::{ArenaInfo, HostBlock, HostConfig, HostPut, HostTier, HugePages};
 pub use kvindex::BlockKey;
 pub use policy::PolicyKind;
+pub use remote::{
+    BlockSource, PeerConfig, PeerServer, PeerTier, RedisConfig, RedisTier, RemoteConfig, RemoteTier,
+};
 pub use stats::{TierCounters, TierStats};
+pub use store::{
+    Lookup, PipelineStats, Prefetch, Prefetched, StoreConfig, StoreStats, TierKind, TieredStore,
+};

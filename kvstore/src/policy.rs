@@ -209,7 +209,7 @@ impl Policy {
                             self.unlink(t);
                             self.push_head(SMALL, t);
                             // A queue of pinned blocks must not starve the main queue.
-                            if main.len > 0 && budget % 2 == 0 {
+                            if main.len > 0 && budget.is_multiple_of(2) {
                                 if let Some(v) = self.evict_main_step(&pinned) {
                                     return Some(v);
                                 }

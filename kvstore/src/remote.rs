@@ -53,7 +53,10 @@ fn value_header(key: BlockKey, data: &[u8]) -> [u8; VALUE_HEADER] {
 fn check_value(tier: &'static str, key: BlockKey, v: &[u8], block_bytes: usize) -> Result<()> {
     let bad = |r: String| Err(StoreError::corrupt(tier, key, r));
     if v.len() < VALUE_HEADER {
-        return bad(format!("value of {} bytes is shorter than its header", v.len()));
+        return bad(format!(
+            "value of {} bytes is shorter than its header",
+            v.len()
+        ));
     }
     let u32at = |o: usize| u32::from_le_bytes(v[o..o + 4].try_into().unwrap());
     let u64at = |o: usize| u64::from_le_bytes(v[o..o + 8].try_into().unwrap());
@@ -298,7 +301,9 @@ impl RemoteTier for RedisTier {
         };
         if let Err(e) = check_value("redis", key, &v, self.cfg.remote.block_bytes) {
             self.stats.error();
-            self.stats.corrupt.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .corrupt
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(error = %e, "redis tier: bad value dropped");
             let _ = self.remove(key);
             return Err(e);
@@ -450,14 +455,23 @@ async fn serve_conn(
                     return Ok(());
                 }
                 if op == OP_CONTAINS {
-                    let st = if src.contains_local(key) { ST_OK } else { ST_MISSING };
+                    let st = if src.contains_local(key) {
+                        ST_OK
+                    } else {
+                        ST_MISSING
+                    };
                     reply(&mut sock, st, &[]).await?;
                     continue;
                 }
                 let s2 = src.clone();
                 let r = tokio::task::spawn_blocking(move || s2.get_local(key))
                     .await
-                    .unwrap_or_else(|e| Err(StoreError::Remote { tier: "peer".into(), reason: e.to_string() }));
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Remote {
+                            tier: "peer".into(),
+                            reason: e.to_string(),
+                        })
+                    });
                 match r {
                     Ok(Some(b)) => reply(&mut sock, ST_OK, &b).await?,
                     Ok(None) => reply(&mut sock, ST_MISSING, &[]).await?,
@@ -478,7 +492,12 @@ async fn serve_conn(
                 let s2 = src.clone();
                 let r = tokio::task::spawn_blocking(move || s2.put_local(key, &data))
                     .await
-                    .unwrap_or_else(|e| Err(StoreError::Remote { tier: "peer".into(), reason: e.to_string() }));
+                    .unwrap_or_else(|e| {
+                        Err(StoreError::Remote {
+                            tier: "peer".into(),
+                            reason: e.to_string(),
+                        })
+                    });
                 match r {
                     Ok(()) => reply(&mut sock, ST_OK, &[]).await?,
                     Err(e) => reply_err(&mut sock, &e.to_string()).await?,
@@ -608,7 +627,11 @@ impl PeerTier {
                 let mut p = vec![0u8; len];
                 s.read_exact(&mut p).map_err(|e| self.remote_err(e))?;
                 if xxh3_64(&p) != sum {
-                    return Err(StoreError::corrupt("peer", key, "payload checksum mismatch in transit"));
+                    return Err(StoreError::corrupt(
+                        "peer",
+                        key,
+                        "payload checksum mismatch in transit",
+                    ));
                 }
                 Ok((r[0], p))
             },
@@ -658,7 +681,11 @@ impl RemoteTier for PeerTier {
                     return Err(StoreError::corrupt(
                         "peer",
                         key,
-                        format!("{} bytes, blocks are {}", p.len(), self.cfg.remote.block_bytes),
+                        format!(
+                            "{} bytes, blocks are {}",
+                            p.len(),
+                            self.cfg.remote.block_bytes
+                        ),
                     ));
                 }
                 self.stats.read_done(p.len(), t0);

@@ -227,7 +227,9 @@ impl TieredStore {
             None => None,
         };
         // Queued blocks are pinned in the host tier: keep half of it free for new blocks.
-        let qcap = cfg.write_queue.clamp(1, (host.capacity_blocks() / 2).max(1));
+        let qcap = cfg
+            .write_queue
+            .clamp(1, (host.capacity_blocks() / 2).max(1));
         let core = Arc::new(Core {
             host,
             disk,
@@ -644,11 +646,13 @@ impl Core {
         if let Some(d) = &self.disk {
             if d.contains(key) {
                 let bb = self.host.block_bytes();
-                let r = self.host.put_with(key, bb, |dst| match d.get_into(key, dst) {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(StoreError::Invalid("__miss".into())),
-                    Err(e) => Err(e),
-                });
+                let r = self
+                    .host
+                    .put_with(key, bb, |dst| match d.get_into(key, dst) {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(StoreError::Invalid("__miss".into())),
+                        Err(e) => Err(e),
+                    });
                 match r {
                     Ok(HostPut::Stored { evicted }) => {
                         self.promoted(key, &evicted, TierKind::Disk);

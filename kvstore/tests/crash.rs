@@ -42,7 +42,7 @@ fn child(dir: &str) {
                         Ok(_) | Err(StoreError::AllPinned { .. }) => {}
                         Err(e) => panic!("child write failed: {e}"),
                     }
-                    if i % 5 == 0 {
+                    if i.is_multiple_of(5) {
                         let _ = t.get(k);
                     }
                     i += 1;
@@ -128,5 +128,8 @@ fn kill_9_during_writes_never_yields_a_torn_block() {
         "{iters} kills in {:.1}s: {total} blocks recovered and verified (max {max_seen} at once), {bad_headers} damaged headers dropped",
         started.elapsed().as_secs_f64()
     );
-    assert!(max_seen > 0, "no block was ever recovered: the child wrote nothing");
+    assert!(
+        max_seen > 0,
+        "no block was ever recovered: the child wrote nothing"
+    );
 }

@@ -7,7 +7,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::{content, is_root, Scratch, Tmpfs};
-use kvstore::{Admission, BlockKey, DirectIo, DiskConfig, DiskPut, DiskTier, PolicyKind, StoreError};
+use kvstore::{
+    Admission, BlockKey, DirectIo, DiskConfig, DiskPut, DiskTier, PolicyKind, StoreError,
+};
 use proptest::prelude::*;
 
 const BB: usize = 16 << 10;
@@ -29,7 +31,10 @@ fn o_direct_is_verified_on_a_disk_file_system() {
     });
     assert!(t.direct_io());
     t.put(BlockKey(5), &content(BlockKey(5), BB)).unwrap();
-    assert_eq!(&t.get(BlockKey(5)).unwrap().unwrap()[..], &content(BlockKey(5), BB)[..]);
+    assert_eq!(
+        &t.get(BlockKey(5)).unwrap().unwrap()[..],
+        &content(BlockKey(5), BB)[..]
+    );
 }
 
 #[test]
@@ -73,10 +78,14 @@ fn restart_recovers_blocks_and_refuses_other_geometry() {
         t.put(BlockKey(40), &v[1..]).unwrap();
         assert!(t.remove(BlockKey(11)).unwrap());
         // A second opener of the same directory is refused while the first holds it.
-        let e = DiskTier::open(&cfg(d.path(), 16)).err().expect("double open");
+        let e = DiskTier::open(&cfg(d.path(), 16))
+            .err()
+            .expect("double open");
         assert!(e.to_string().contains("in use"), "{e}");
     }
-    let other = DiskTier::open(&cfg(d.path(), 32)).err().expect("geometry change");
+    let other = DiskTier::open(&cfg(d.path(), 32))
+        .err()
+        .expect("geometry change");
     assert!(matches!(other, StoreError::Incompatible { .. }), "{other}");
     let t = DiskTier::open(&cfg(d.path(), 16)).unwrap();
     assert_eq!(t.recovery().blocks, 10);
@@ -110,7 +119,7 @@ fn torn_payloads_and_headers_are_detected_never_returned() {
         .open(d.path().join("kvstore.hdr"))
         .unwrap();
     hdr.write_all_at(&[0x5A; 20], 4096 + 64 + 10).unwrap(); // garble key 3's header
-    // Truncated data file (a block cut short): key 5, slot 3 is cut in half.
+                                                            // Truncated data file (a block cut short): key 5, slot 3 is cut in half.
     data.set_len((3 * BB + BB / 2) as u64).unwrap();
     drop((data, hdr));
     let t = DiskTier::open(&cfg(d.path(), 8)).unwrap();
@@ -121,12 +130,21 @@ fn torn_payloads_and_headers_are_detected_never_returned() {
         other => panic!("torn payload returned as {other:?}"),
     }
     assert!(!t.contains(BlockKey(2)), "a corrupt block is dropped");
-    assert!(matches!(t.get(BlockKey(5)), Err(StoreError::Corrupt { .. })));
-    assert_eq!(&t.get(BlockKey(4)).unwrap().unwrap()[..], &content(BlockKey(4), BB)[..]);
+    assert!(matches!(
+        t.get(BlockKey(5)),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(
+        &t.get(BlockKey(4)).unwrap().unwrap()[..],
+        &content(BlockKey(4), BB)[..]
+    );
     assert_eq!(t.stats().corrupt, 2);
     // The slots are reusable.
     t.put(BlockKey(2), &content(BlockKey(2), BB)).unwrap();
-    assert_eq!(&t.get(BlockKey(2)).unwrap().unwrap()[..], &content(BlockKey(2), BB)[..]);
+    assert_eq!(
+        &t.get(BlockKey(2)).unwrap().unwrap()[..],
+        &content(BlockKey(2), BB)[..]
+    );
     // A header table that is not ours is refused, not overwritten.
     drop(t);
     std::fs::write(d.path().join("kvstore.hdr"), b"garbage").unwrap();
@@ -146,7 +164,10 @@ fn admission_takes_blocks_seen_twice() {
     assert_eq!(t.put(BlockKey(9), &b).unwrap(), DiskPut::NotAdmitted);
     assert!(!t.contains(BlockKey(9)));
     assert!(t.would_admit(BlockKey(9)));
-    assert!(matches!(t.put(BlockKey(9), &b).unwrap(), DiskPut::Stored { .. }));
+    assert!(matches!(
+        t.put(BlockKey(9), &b).unwrap(),
+        DiskPut::Stored { .. }
+    ));
     assert_eq!(t.put(BlockKey(9), &b).unwrap(), DiskPut::Present);
     assert!(matches!(
         t.put_admitted(BlockKey(10), &b).unwrap(),
@@ -244,7 +265,10 @@ fn fill_until_full(t: &DiskTier) -> (Vec<BlockKey>, StoreError) {
 
 fn check_all(t: &DiskTier, keys: &[BlockKey]) {
     for &k in keys {
-        let b = t.get(k).unwrap_or_else(|e| panic!("{k:?}: {e}")).expect("kept");
+        let b = t
+            .get(k)
+            .unwrap_or_else(|e| panic!("{k:?}: {e}"))
+            .expect("kept");
         assert!(b[..] == content(k, BB)[..]);
     }
 }
@@ -260,7 +284,10 @@ fn full_disk_gives_a_clear_error_and_loses_nothing() {
     c.preallocate = true;
     match DiskTier::open(&c) {
         Err(StoreError::DiskFull { .. }) => {}
-        other => panic!("preallocating 1 MiB on 256 KiB must fail as DiskFull: {:?}", other.err()),
+        other => panic!(
+            "preallocating 1 MiB on 256 KiB must fail as DiskFull: {:?}",
+            other.err()
+        ),
     }
     let _ = std::fs::remove_file(fs.path().join("kvstore.dat"));
     c.preallocate = false;
@@ -302,12 +329,20 @@ fn full_disk_with_a_file_size_limit() {
     }
     let d = Scratch::new("fsize");
     let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "full_disk_gives_a_clear_error_and_loses_nothing", "--nocapture"])
+        .args([
+            "--exact",
+            "full_disk_gives_a_clear_error_and_loses_nothing",
+            "--nocapture",
+        ])
         .env("KVSTORE_FSIZE_CHILD", d.path())
         .output()
         .unwrap();
     let so = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "child failed: {so}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "child failed: {so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let n: usize = so
         .lines()
         .find_map(|l| l.strip_prefix("STORED "))
@@ -335,7 +370,9 @@ fn read_only_directory_serves_reads_and_refuses_writes() {
         assert!(t.read_only());
         assert_eq!(t.recovery().blocks, keys.len());
         check_all(&t, &keys);
-        let e = t.put(BlockKey(100), &content(BlockKey(100), BB)).unwrap_err();
+        let e = t
+            .put(BlockKey(100), &content(BlockKey(100), BB))
+            .unwrap_err();
         assert!(matches!(e, StoreError::ReadOnly(_)), "{e}");
         assert!(e.to_string().contains("read-only"));
         assert!(t.remove(keys[0]).is_err());
@@ -353,7 +390,8 @@ fn read_only_directory_serves_reads_and_refuses_writes() {
         let d = Scratch::new("ro");
         write(d.path());
         for f in ["kvstore.dat", "kvstore.hdr"] {
-            std::fs::set_permissions(d.path().join(f), std::fs::Permissions::from_mode(0o444)).unwrap();
+            std::fs::set_permissions(d.path().join(f), std::fs::Permissions::from_mode(0o444))
+                .unwrap();
         }
         std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
         check(d.path());

@@ -45,17 +45,32 @@ fn redis_round_trip_and_bad_values_fail_closed() {
     let kb = format!("kvmesh:blk:{:016x}", b.0);
     let good_a: Vec<u8> = redis::cmd("GET").arg(&ka).query(&mut raw).unwrap();
     // b's value under a's key: the key in the header does not match.
-    let _: () = redis::cmd("SET").arg(&kb).arg(&good_a).query(&mut raw).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&kb)
+        .arg(&good_a)
+        .query(&mut raw)
+        .unwrap();
     assert!(matches!(r.get(b), Err(StoreError::Corrupt { .. })));
     assert!(!r.contains(b).unwrap(), "a bad value is deleted");
     // A flipped payload byte, a truncated value, garbage.
     let mut flipped = good_a.clone();
     flipped[100] ^= 1;
-    for bad in [flipped, good_a[..good_a.len() - 1].to_vec(), b"garbage".to_vec()] {
-        let _: () = redis::cmd("SET").arg(&ka).arg(&bad).query(&mut raw).unwrap();
+    for bad in [
+        flipped,
+        good_a[..good_a.len() - 1].to_vec(),
+        b"garbage".to_vec(),
+    ] {
+        let _: () = redis::cmd("SET")
+            .arg(&ka)
+            .arg(&bad)
+            .query(&mut raw)
+            .unwrap();
         match r.get(a) {
             Err(StoreError::Corrupt { .. }) => {}
-            other => panic!("bad value not refused: {:?}", other.map(|o| o.map(|b| b.len()))),
+            other => panic!(
+                "bad value not refused: {:?}",
+                other.map(|o| o.map(|b| b.len()))
+            ),
         }
     }
     let s = r.stats();
@@ -78,7 +93,11 @@ fn dead_redis_fails_within_the_timeout() {
         matches!(e, StoreError::Remote { .. } | StoreError::Timeout { .. }),
         "{e}"
     );
-    assert!(t0.elapsed() < Duration::from_secs(3), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
     assert!(r.put(k, &content(k, BB)).is_err());
     assert!(r.stats().errors >= 2);
 }
@@ -124,7 +143,11 @@ fn peer_node_serves_puts_gets_and_refuses_bad_requests() {
     s.write_all(&h).unwrap();
     let mut resp = Vec::new();
     let _ = s.read_to_end(&mut resp);
-    assert_eq!(resp.first(), Some(&2u8), "error status for an oversized PUT");
+    assert_eq!(
+        resp.first(),
+        Some(&2u8),
+        "error status for an oversized PUT"
+    );
     assert_eq!(&p.get(k).unwrap().unwrap()[..], &content(k, BB)[..]);
 
     // Dead peer: fails closed, quickly.
@@ -165,7 +188,10 @@ fn silent_peer_times_out() {
         other => panic!("expected a timeout, got {:?}", other.map(|o| o.is_some())),
     }
     let el = t0.elapsed();
-    assert!(el >= Duration::from_millis(550) && el < Duration::from_secs(3), "{el:?}");
+    assert!(
+        el >= Duration::from_millis(550) && el < Duration::from_secs(3),
+        "{el:?}"
+    );
     drop(hold);
 }
 
