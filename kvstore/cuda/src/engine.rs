@@ -1,0 +1,820 @@
+//! The copy engine: gathers KV blocks from a GPU cache into pinned host slots and scatters them
+//! back, on its own streams.
+//!
+//! Two ways to move pages:
+//!
+//! * **kernel**: one launch of a copy kernel that reads or writes the mapped pinned host memory
+//!   directly over PCIe. Per-page cost is a few integer operations, so 4 KiB pages move as fast as
+//!   2 MiB ones; it can also convert between the LBNHC and LBHNC row orders on the way.
+//! * **DMA**: one `cuMemcpyAsync` per page on the copy engines, which leaves the SMs to the model;
+//!   worth it only for large pages, where the per-copy overhead is amortised.
+//!
+//! [`CopyPath::Auto`] takes the kernel below [`EngineConfig::dma_threshold`] and DMA at or above
+//! it. [`CopyPath::Batch`] (`cuMemcpyBatchAsync`, CUDA 12.8+) is there to compare against.
+//!
+//! Gathers run on one stream and scatters on another, so both directions proceed at once; a
+//! [`Transfer`] completes on an event that other streams can wait on
+//! ([`Transfer::make_stream_wait`]), and [`Engine::order_after`] makes the engine's streams wait
+//! for work already queued on a model stream (the forward pass that wrote the KV).
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys;
+
+use crate::driver::{check, Device, DeviceBuffer, PinnedBuffer};
+use crate::error::{CudaError, Result};
+use crate::layout::{validate_moves, BlockMove, CacheSpec, SlotSpec};
+
+const KERNEL_SOURCE: &str = include_str!("kernels.cu");
+const KERNEL_NAME: &std::ffi::CStr = c"kvmesh_copy_pages";
+/// Vectors each thread keeps in flight (UNROLL in kernels.cu).
+const UNROLL: u64 = 4;
+
+/// How a transfer moves its pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CopyPath {
+    /// Kernel for pages under the engine's DMA threshold (and for any layout conversion), DMA
+    /// for larger ones.
+    Auto,
+    /// Always the copy kernel.
+    Kernel,
+    /// One `cuMemcpyAsync` per page (what vLLM's own block swap does).
+    Dma,
+    /// One `cuMemcpyBatchAsync` for all pages (needs a CUDA 12.8+ driver).
+    Batch,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// GPU ordinal. Default 0.
+    pub device: usize,
+    /// Pages of at least this many bytes go by DMA under [`CopyPath::Auto`]. Default 2 MiB.
+    pub dma_threshold: u64,
+    /// Most thread blocks one copy kernel uses; 0 means one per multiprocessor. Fewer leave more
+    /// of the GPU to the model. Default 0.
+    pub max_ctas: u32,
+    /// Threads per block of the copy kernel (a multiple of 32, at most 512). Default 512.
+    pub threads: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            device: 0,
+            dma_threshold: 2 << 20,
+            max_ctas: 0,
+            threads: 512,
+        }
+    }
+}
+
+/// Must match `KernelParams` in kernels.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct KernelParams {
+    descriptors: u64,
+    host_base: u64,
+    slot_stride: u64,
+    block_stride: u64,
+    page_bytes: u64,
+    num_moves: u32,
+    num_layers: u32,
+    page_vecs: u32,
+    row_vecs: u32,
+    dst_outer: u32,
+    dst_inner: u32,
+    transpose: u32,
+    to_host: u32,
+    total_vecs: u32,
+    pad: u32,
+}
+
+/// A GPU KV cache whose layer ranges the driver confirmed as device memory.
+#[derive(Debug)]
+pub struct KvCache {
+    spec: CacheSpec,
+}
+
+impl KvCache {
+    /// Its geometry.
+    pub fn spec(&self) -> &CacheSpec {
+        &self.spec
+    }
+}
+
+type BatchV1 = unsafe extern "C" fn(
+    *mut u64,
+    *mut u64,
+    *mut usize,
+    usize,
+    *mut sys::CUmemcpyAttributes,
+    *mut usize,
+    usize,
+    *mut usize,
+    sys::CUstream,
+) -> sys::CUresult;
+type BatchV2 = unsafe extern "C" fn(
+    *mut u64,
+    *mut u64,
+    *mut usize,
+    usize,
+    *mut sys::CUmemcpyAttributes,
+    *mut usize,
+    usize,
+    sys::CUstream,
+) -> sys::CUresult;
+
+#[derive(Clone, Copy)]
+enum BatchFn {
+    V1(BatchV1),
+    V2(BatchV2),
+}
+
+struct BatchApi {
+    _lib: libloading::Library,
+    f: BatchFn,
+}
+
+fn load_batch_api() -> Option<BatchApi> {
+    for name in ["libcuda.so.1", "libcuda.so"] {
+        // SAFETY: libcuda is already loaded by the driver bindings; this takes another reference.
+        let Ok(lib) = (unsafe { libloading::Library::new(name) }) else {
+            continue;
+        };
+        // SAFETY: the symbols are looked up with the signatures of CUDA 13's
+        // cuMemcpyBatchAsync_v2 and CUDA 12.8's cuMemcpyBatchAsync.
+        unsafe {
+            if let Ok(f) = lib.get::<BatchV2>(b"cuMemcpyBatchAsync_v2") {
+                let f = *f;
+                return Some(BatchApi {
+                    _lib: lib,
+                    f: BatchFn::V2(f),
+                });
+            }
+            if let Ok(f) = lib.get::<BatchV1>(b"cuMemcpyBatchAsync") {
+                let f = *f;
+                return Some(BatchApi {
+                    _lib: lib,
+                    f: BatchFn::V1(f),
+                });
+            }
+        }
+        return None;
+    }
+    None
+}
+
+struct LaneState {
+    staging: PinnedBuffer,
+    descriptors: DeviceBuffer,
+    upload_done: sys::CUevent,
+    seen: Vec<u64>,
+    dsts: Vec<u64>,
+    srcs: Vec<u64>,
+    sizes: Vec<usize>,
+}
+
+/// One direction: a stream and the scratch its submissions reuse.
+struct Lane {
+    stream: sys::CUstream,
+    state: Mutex<LaneState>,
+}
+
+/// The CUDA copy engine of one GPU.
+pub struct Engine {
+    d2h: Lane,
+    h2d: Lane,
+    module: sys::CUmodule,
+    function: sys::CUfunction,
+    batch: Option<BatchApi>,
+    config: EngineConfig,
+    ctas: u32,
+    device: Arc<Device>,
+}
+
+// SAFETY: the raw handles are driver objects usable from any thread (with the context bound,
+// which every method does); mutable scratch is behind a Mutex.
+unsafe impl Send for Engine {}
+// SAFETY: as above.
+unsafe impl Sync for Engine {}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("device", &self.device.ordinal())
+            .field("config", &self.config)
+            .field("ctas", &self.ctas)
+            .finish()
+    }
+}
+
+fn new_event() -> Result<sys::CUevent> {
+    let mut e = std::ptr::null_mut();
+    // SAFETY: valid out-pointer; destroyed by the owner.
+    check("cuEventCreate", unsafe {
+        sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+    })?;
+    Ok(e)
+}
+
+impl Lane {
+    fn new(device: &Arc<Device>) -> Result<Lane> {
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; destroyed in Engine::drop.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            )
+        })?;
+        Ok(Lane {
+            stream,
+            state: Mutex::new(LaneState {
+                staging: PinnedBuffer::alloc(device, 64 << 10)?,
+                descriptors: DeviceBuffer::alloc(device, 64 << 10)?,
+                upload_done: new_event()?,
+                seen: Vec::new(),
+                dsts: Vec::new(),
+                srcs: Vec::new(),
+                sizes: Vec::new(),
+            }),
+        })
+    }
+}
+
+impl Engine {
+    /// Opens the device, compiles the copy kernel with NVRTC and creates the streams.
+    pub fn new(config: EngineConfig) -> Result<Engine> {
+        if config.threads == 0 || config.threads % 32 != 0 || config.threads > 512 {
+            return Err(CudaError::InvalidLayout {
+                reason: format!("{} threads per block", config.threads),
+            });
+        }
+        let device = Device::open(config.device)?;
+        let (major, minor) = device.compute_capability()?;
+        let ptx = crate::nvrtc::compile_ptx(KERNEL_SOURCE, "kvmesh_kernels.cu", major, minor)?;
+        device.bind()?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: `ptx` is NUL-terminated PTX; the module is unloaded in Drop.
+        check("cuModuleLoadData", unsafe {
+            sys::cuModuleLoadData(&mut module, ptx.as_ptr() as *const c_void)
+        })?;
+        let mut function = std::ptr::null_mut();
+        // SAFETY: the module is loaded and the name NUL-terminated.
+        let got = check("cuModuleGetFunction", unsafe {
+            sys::cuModuleGetFunction(&mut function, module, KERNEL_NAME.as_ptr())
+        });
+        if let Err(e) = got {
+            // SAFETY: loaded above, unloaded once.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(e);
+        }
+        let sms = device.multiprocessors()?;
+        let ctas = if config.max_ctas == 0 {
+            sms
+        } else {
+            config.max_ctas
+        };
+        Ok(Engine {
+            d2h: Lane::new(&device)?,
+            h2d: Lane::new(&device)?,
+            module,
+            function,
+            batch: load_batch_api(),
+            config,
+            ctas,
+            device,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Whether [`CopyPath::Batch`] is available (driver 12.8 or newer).
+    pub fn has_batch_copy(&self) -> bool {
+        self.batch.is_some()
+    }
+
+    /// Checks a cache's geometry and asks the driver whether each layer's whole range
+    /// (`num_blocks` blocks from its base) lies inside one device allocation.
+    ///
+    /// # Safety
+    /// The memory must stay allocated for as long as the returned [`KvCache`] is used, and the
+    /// pages a transfer writes must not be used by other work while it runs (order them with
+    /// [`Engine::order_after`] and [`Transfer::make_stream_wait`]).
+    pub unsafe fn register_cache(&self, spec: CacheSpec) -> Result<KvCache> {
+        spec.validate()?;
+        let span = spec.layer_span();
+        for &base in &spec.layers {
+            let (start, size) = self.device.allocation_of(base)?;
+            if base + span > start + size {
+                return Err(CudaError::InvalidPointer {
+                    what: "cache layer",
+                    ptr: base,
+                    reason: format!(
+                        "{span} bytes from the layer base run past the end of its allocation \
+                         ({size} bytes at {start:#x})"
+                    ),
+                });
+            }
+        }
+        Ok(KvCache { spec })
+    }
+
+    /// Makes both engine streams wait for the work queued so far on `stream`.
+    ///
+    /// # Safety
+    /// `stream` must be a live CUDA stream of this device's primary context (e.g.
+    /// `torch.cuda.current_stream().cuda_stream`), or null for the legacy default stream.
+    pub unsafe fn order_after(&self, stream: *mut c_void) -> Result<()> {
+        self.device.bind()?;
+        let ev = new_event()?;
+        // SAFETY: the caller vouches for `stream`; `ev` is ours and destroyed below (the driver
+        // keeps what the waits need).
+        let r = unsafe {
+            check(
+                "cuEventRecord",
+                sys::cuEventRecord(ev, stream as sys::CUstream),
+            )
+            .and_then(|_| {
+                check(
+                    "cuStreamWaitEvent",
+                    sys::cuStreamWaitEvent(self.d2h.stream, ev, 0),
+                )
+            })
+            .and_then(|_| {
+                check(
+                    "cuStreamWaitEvent",
+                    sys::cuStreamWaitEvent(self.h2d.stream, ev, 0),
+                )
+            })
+        };
+        // SAFETY: created above.
+        unsafe { sys::cuEventDestroy_v2(ev) };
+        r
+    }
+
+    /// Copies the pages of `moves` from the GPU cache into host slots (GPU → host).
+    ///
+    /// Returns once the copy is queued; the [`Transfer`] borrows `host` mutably until it is done.
+    pub fn gather<'a>(
+        &'a self,
+        cache: &'a KvCache,
+        host: &'a mut PinnedBuffer,
+        slots: &SlotSpec,
+        moves: &[BlockMove],
+        path: CopyPath,
+    ) -> Result<Transfer<'a>> {
+        self.submit(
+            &self.d2h,
+            cache,
+            host.addr(),
+            host.len(),
+            slots,
+            moves,
+            path,
+            true,
+        )
+    }
+
+    /// Copies host slots into the GPU cache's blocks (host → GPU).
+    pub fn scatter<'a>(
+        &'a self,
+        host: &'a PinnedBuffer,
+        slots: &SlotSpec,
+        cache: &'a KvCache,
+        moves: &[BlockMove],
+        path: CopyPath,
+    ) -> Result<Transfer<'a>> {
+        self.submit(
+            &self.h2d,
+            cache,
+            host.addr(),
+            host.len(),
+            slots,
+            moves,
+            path,
+            false,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn submit<'a>(
+        &'a self,
+        lane: &'a Lane,
+        cache: &KvCache,
+        host_addr: u64,
+        host_len: usize,
+        slots: &SlotSpec,
+        moves: &[BlockMove],
+        path: CopyPath,
+        to_host: bool,
+    ) -> Result<Transfer<'a>> {
+        let spec = &cache.spec;
+        slots.validate(spec, host_len as u64)?;
+        let mut st = lane
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        validate_moves(spec, slots, moves, to_host, &mut st.seen)?;
+        self.device.bind()?;
+        let page = spec.shape.page_bytes();
+        let transpose = spec.layout != slots.layout;
+        let aligned = page % 16 == 0
+            && spec.block_stride % 16 == 0
+            && slots.slot_stride % 16 == 0
+            && host_addr % 16 == 0
+            && spec.layers.iter().all(|&b| b % 16 == 0)
+            && (!transpose || spec.shape.entry_bytes % 16 == 0);
+        let path = match path {
+            CopyPath::Auto if transpose || (page < self.config.dma_threshold && aligned) => {
+                CopyPath::Kernel
+            }
+            CopyPath::Auto => CopyPath::Dma,
+            p => p,
+        };
+        if transpose && path != CopyPath::Kernel {
+            return Err(CudaError::InvalidLayout {
+                reason: "converting between LBNHC and LBHNC needs the kernel path".into(),
+            });
+        }
+        if path == CopyPath::Kernel && !aligned {
+            return Err(CudaError::InvalidLayout {
+                reason: "the kernel path needs 16-byte aligned pages, strides and rows".into(),
+            });
+        }
+        if !moves.is_empty() {
+            let queued = match path {
+                CopyPath::Kernel => {
+                    self.launch_kernel(lane, &mut st, spec, host_addr, slots, moves, to_host)
+                }
+                CopyPath::Batch => {
+                    self.batch_copy(lane, &mut st, spec, host_addr, slots, moves, to_host)
+                }
+                _ => self.dma_copy(lane, spec, host_addr, slots, moves, to_host),
+            };
+            if let Err(e) = queued {
+                // Part of the work may be queued: let it finish before the caller reuses memory.
+                // SAFETY: our stream.
+                unsafe { sys::cuStreamSynchronize(lane.stream) };
+                return Err(e);
+            }
+        }
+        drop(st);
+        let event = new_event()?;
+        // SAFETY: our event and stream.
+        let rc = check("cuEventRecord", unsafe {
+            sys::cuEventRecord(event, lane.stream)
+        });
+        if let Err(e) = rc {
+            // SAFETY: our stream and event.
+            unsafe {
+                sys::cuStreamSynchronize(lane.stream);
+                sys::cuEventDestroy_v2(event);
+            }
+            return Err(e);
+        }
+        Ok(Transfer {
+            device: &self.device,
+            event,
+            bytes: moves.len() as u64 * spec.layers.len() as u64 * page,
+            done: false,
+            _borrow: PhantomData,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_kernel(
+        &self,
+        lane: &Lane,
+        st: &mut LaneState,
+        spec: &CacheSpec,
+        host_addr: u64,
+        slots: &SlotSpec,
+        moves: &[BlockMove],
+        to_host: bool,
+    ) -> Result<()> {
+        let layers = spec.layers.len();
+        let page = spec.shape.page_bytes();
+        let total_vecs = moves.len() as u64 * layers as u64 * (page / 16);
+        let limit = (1u64 << 31) - UNROLL * self.ctas as u64 * self.config.threads as u64;
+        if total_vecs >= limit {
+            return Err(CudaError::TooLarge {
+                bytes: total_vecs * 16,
+            });
+        }
+        // Descriptor table: layer bases, then block ids, then slot ids.
+        let desc_bytes = layers * 8 + moves.len() * 8;
+        // SAFETY: the event was recorded after the previous upload from `staging` (or never).
+        check("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(st.upload_done)
+        })?;
+        if st.staging.len() < desc_bytes {
+            st.staging = PinnedBuffer::alloc(&self.device, desc_bytes.next_power_of_two())?;
+        }
+        if st.descriptors.len() < desc_bytes {
+            // The old table may still be read by a queued kernel.
+            // SAFETY: our stream.
+            check("cuStreamSynchronize", unsafe {
+                sys::cuStreamSynchronize(lane.stream)
+            })?;
+            st.descriptors = DeviceBuffer::alloc(&self.device, desc_bytes.next_power_of_two())?;
+        }
+        {
+            let buf = st.staging.as_mut_slice();
+            let (bases, ids) = buf[..desc_bytes].split_at_mut(layers * 8);
+            for (chunk, &b) in bases.chunks_exact_mut(8).zip(&spec.layers) {
+                chunk.copy_from_slice(&b.to_ne_bytes());
+            }
+            let (blocks, slot_ids) = ids.split_at_mut(moves.len() * 4);
+            for ((bc, sc), m) in blocks
+                .chunks_exact_mut(4)
+                .zip(slot_ids.chunks_exact_mut(4))
+                .zip(moves)
+            {
+                bc.copy_from_slice(&m.block.to_ne_bytes());
+                sc.copy_from_slice(&m.slot.to_ne_bytes());
+            }
+        }
+        // SAFETY: both buffers hold at least `desc_bytes`; the staging buffer is not touched again
+        // before `upload_done` completes.
+        unsafe {
+            check(
+                "cuMemcpyHtoDAsync",
+                sys::cuMemcpyHtoDAsync_v2(
+                    st.descriptors.ptr(),
+                    st.staging.addr() as *const c_void,
+                    desc_bytes,
+                    lane.stream,
+                ),
+            )?;
+            check(
+                "cuEventRecord",
+                sys::cuEventRecord(st.upload_done, lane.stream),
+            )?;
+        }
+        let (dst_layout, src_layout) = if to_host {
+            (slots.layout, spec.layout)
+        } else {
+            (spec.layout, slots.layout)
+        };
+        let (dst_outer, dst_inner) = dst_layout.dims(spec.shape);
+        let mut params = KernelParams {
+            descriptors: st.descriptors.ptr(),
+            host_base: host_addr,
+            slot_stride: slots.slot_stride,
+            block_stride: spec.block_stride,
+            page_bytes: page,
+            num_moves: moves.len() as u32,
+            num_layers: layers as u32,
+            page_vecs: (page / 16) as u32,
+            row_vecs: spec.shape.entry_bytes / 16,
+            dst_outer,
+            dst_inner,
+            transpose: (dst_layout != src_layout) as u32,
+            to_host: to_host as u32,
+            total_vecs: total_vecs as u32,
+            pad: 0,
+        };
+        let per_cta = UNROLL * self.config.threads as u64;
+        let grid = total_vecs.div_ceil(per_cta).clamp(1, self.ctas as u64) as u32;
+        let mut args = [&mut params as *mut KernelParams as *mut c_void];
+        // SAFETY: the kernel takes one KernelParams by value; every address in it was validated
+        // (cache ranges at registration, slots against the host buffer, moves against both).
+        check("cuLaunchKernel", unsafe {
+            sys::cuLaunchKernel(
+                self.function,
+                grid,
+                1,
+                1,
+                self.config.threads,
+                1,
+                1,
+                0,
+                lane.stream,
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        })
+    }
+
+    fn dma_copy(
+        &self,
+        lane: &Lane,
+        spec: &CacheSpec,
+        host_addr: u64,
+        slots: &SlotSpec,
+        moves: &[BlockMove],
+        to_host: bool,
+    ) -> Result<()> {
+        let page = spec.shape.page_bytes() as usize;
+        for m in moves {
+            for (l, &base) in spec.layers.iter().enumerate() {
+                let gpu = base + spec.block_offset(m.block);
+                let host = host_addr + slots.page_offset(spec, m.slot, l as u32);
+                // SAFETY: both ranges were validated (see launch_kernel).
+                unsafe {
+                    if to_host {
+                        check(
+                            "cuMemcpyDtoHAsync",
+                            sys::cuMemcpyDtoHAsync_v2(host as *mut c_void, gpu, page, lane.stream),
+                        )?;
+                    } else {
+                        check(
+                            "cuMemcpyHtoDAsync",
+                            sys::cuMemcpyHtoDAsync_v2(
+                                gpu,
+                                host as *const c_void,
+                                page,
+                                lane.stream,
+                            ),
+                        )?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn batch_copy(
+        &self,
+        lane: &Lane,
+        st: &mut LaneState,
+        spec: &CacheSpec,
+        host_addr: u64,
+        slots: &SlotSpec,
+        moves: &[BlockMove],
+        to_host: bool,
+    ) -> Result<()> {
+        let Some(api) = &self.batch else {
+            return Err(CudaError::Driver {
+                call: "cuMemcpyBatchAsync",
+                code: sys::CUresult::CUDA_ERROR_NOT_SUPPORTED as u32,
+                name: "not in this driver (needs CUDA 12.8+)".into(),
+            });
+        };
+        let page = spec.shape.page_bytes() as usize;
+        st.dsts.clear();
+        st.srcs.clear();
+        st.sizes.clear();
+        for m in moves {
+            for (l, &base) in spec.layers.iter().enumerate() {
+                let gpu = base + spec.block_offset(m.block);
+                let host = host_addr + slots.page_offset(spec, m.slot, l as u32);
+                let (d, s) = if to_host { (host, gpu) } else { (gpu, host) };
+                st.dsts.push(d);
+                st.srcs.push(s);
+                st.sizes.push(page);
+            }
+        }
+        let device_loc = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+            id: self.device.ordinal() as i32,
+        };
+        let host_loc = sys::CUmemLocation {
+            type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST,
+            id: 0,
+        };
+        let (src_loc, dst_loc) = if to_host {
+            (device_loc, host_loc)
+        } else {
+            (host_loc, device_loc)
+        };
+        let mut attrs = [sys::CUmemcpyAttributes {
+            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            srcLocHint: src_loc,
+            dstLocHint: dst_loc,
+            flags: 0,
+        }];
+        let mut attr_idx = [0usize];
+        let n = st.dsts.len();
+        let mut fail_idx = usize::MAX;
+        // SAFETY: the three arrays hold `n` validated copies; one attribute applies from index 0.
+        let rc = unsafe {
+            match api.f {
+                BatchFn::V2(f) => f(
+                    st.dsts.as_mut_ptr(),
+                    st.srcs.as_mut_ptr(),
+                    st.sizes.as_mut_ptr(),
+                    n,
+                    attrs.as_mut_ptr(),
+                    attr_idx.as_mut_ptr(),
+                    1,
+                    lane.stream,
+                ),
+                BatchFn::V1(f) => f(
+                    st.dsts.as_mut_ptr(),
+                    st.srcs.as_mut_ptr(),
+                    st.sizes.as_mut_ptr(),
+                    n,
+                    attrs.as_mut_ptr(),
+                    attr_idx.as_mut_ptr(),
+                    1,
+                    &mut fail_idx,
+                    lane.stream,
+                ),
+            }
+        };
+        check("cuMemcpyBatchAsync", rc)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if self.device.bind().is_err() {
+            return;
+        }
+        for lane in [&self.d2h, &self.h2d] {
+            // SAFETY: our stream and event, destroyed once after the stream drained.
+            unsafe {
+                sys::cuStreamSynchronize(lane.stream);
+                if let Ok(st) = lane.state.lock() {
+                    sys::cuEventDestroy_v2(st.upload_done);
+                }
+                sys::cuStreamDestroy_v2(lane.stream);
+            }
+        }
+        // SAFETY: no launch can be pending (streams drained); unloaded once.
+        unsafe {
+            sys::cuModuleUnload(self.module);
+        }
+    }
+}
+
+/// A queued transfer. Dropping it waits for completion, so the memory it borrows stays valid.
+#[must_use = "a transfer should be waited on to learn whether it succeeded"]
+pub struct Transfer<'a> {
+    device: &'a Arc<Device>,
+    event: sys::CUevent,
+    bytes: u64,
+    done: bool,
+    _borrow: PhantomData<&'a mut ()>,
+}
+
+impl Transfer<'_> {
+    /// Bytes this transfer moves.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Whether it has finished (errors show up in [`Transfer::wait`]).
+    pub fn is_done(&self) -> bool {
+        if self.done {
+            return true;
+        }
+        // SAFETY: our event.
+        let rc = unsafe { sys::cuEventQuery(self.event) };
+        rc != sys::CUresult::CUDA_ERROR_NOT_READY
+    }
+
+    /// Waits until the data is in place; a fault during the copy is returned here.
+    pub fn wait(mut self) -> Result<()> {
+        self.sync()
+    }
+
+    /// Makes `stream` wait for this transfer without blocking the host (e.g. the forward pass
+    /// that reads scattered blocks).
+    ///
+    /// # Safety
+    /// `stream` must be a live stream of this device's primary context.
+    pub unsafe fn make_stream_wait(&self, stream: *mut c_void) -> Result<()> {
+        self.device.bind()?;
+        // SAFETY: the caller vouches for `stream`; the event is ours.
+        check("cuStreamWaitEvent", unsafe {
+            sys::cuStreamWaitEvent(stream as sys::CUstream, self.event, 0)
+        })
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        self.device.bind()?;
+        // SAFETY: our event.
+        check("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(self.event)
+        })
+    }
+}
+
+impl Drop for Transfer<'_> {
+    fn drop(&mut self) {
+        let _ = self.sync();
+        // SAFETY: our event, destroyed once.
+        unsafe {
+            sys::cuEventDestroy_v2(self.event);
+        }
+    }
+}
