@@ -7,7 +7,44 @@ use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
-use kvtransfer::{DescList, HostBuffer};
+use kvtransfer::{Agent, AgentConfig, DescList, HostBuffer};
+
+pub mod scenarios;
+
+/// Where the two agents live: this process and a `kvtransfer-peer`, on loopback or in
+/// network namespaces.
+pub struct Net {
+    /// Command that runs the peer elsewhere (e.g. `ip netns exec NS`).
+    pub prefix: Vec<String>,
+    /// Address this process's agents listen on (and, with `netns`, the namespace it enters).
+    pub local_ip: std::net::IpAddr,
+    pub peer_ip: std::net::IpAddr,
+}
+
+impl Net {
+    pub fn loopback() -> Net {
+        Net {
+            prefix: Vec::new(),
+            local_ip: "127.0.0.1".parse().unwrap(),
+            peer_ip: "127.0.0.1".parse().unwrap(),
+        }
+    }
+
+    pub fn agent(&self, name: &str, timeout: Duration) -> Agent {
+        let mut c = AgentConfig::new(name);
+        c.timeout = timeout;
+        c.listen = SocketAddr::new(self.local_ip, 0);
+        Agent::new(c).expect("agent")
+    }
+
+    pub fn peer(&self, name: &str, size: usize, extra: &[&str]) -> Peer {
+        let listen = SocketAddr::new(self.peer_ip, 0).to_string();
+        let mut args = vec!["--listen", listen.as_str()];
+        args.extend_from_slice(extra);
+        let prefix: Vec<&str> = self.prefix.iter().map(|s| s.as_str()).collect();
+        Peer::start(&prefix, name, size, &args)
+    }
+}
 
 pub struct Peer {
     pub child: Child,
