@@ -28,6 +28,9 @@ pub struct AgentConfig {
     pub threads: usize,
     /// Enables the same-host shared-memory backend.
     pub shm: bool,
+    /// Enables the UCX backend (libucp >= 1.22 loaded at run time; `Agent::new` fails with a
+    /// clear message when it cannot be loaded).
+    pub ucx: bool,
 }
 
 impl AgentConfig {
@@ -39,6 +42,7 @@ impl AgentConfig {
             timeout: Duration::from_secs(10),
             threads: 2,
             shm: true,
+            ucx: false,
         }
     }
 }
@@ -56,6 +60,8 @@ pub(crate) struct LocalRegion {
     pub kind: MemKind,
     pub dev: u32,
     pub owner: Option<HostBuffer>,
+    /// UCX memory handle token and packed remote key.
+    pub ucx: Option<(usize, Vec<u8>)>,
 }
 
 pub(crate) struct Remote {
@@ -101,6 +107,7 @@ pub(crate) struct Inner {
     notif_async: tokio::sync::Notify,
     pub closed: AtomicBool,
     shm: Option<shm::Worker>,
+    pub ucx: std::sync::OnceLock<crate::ucx::Ucx>,
 }
 
 impl Inner {
@@ -120,7 +127,7 @@ impl Inner {
                     len: r.len,
                     kind: r.kind,
                     dev: r.dev,
-                    ucx_rkey: Vec::new(),
+                    ucx_rkey: r.ucx.as_ref().map(|u| u.1.clone()).unwrap_or_default(),
                 })
                 .collect();
         regions.sort_by_key(|r| r.id);
@@ -132,7 +139,11 @@ impl Inner {
             boot_id: self.boot_id.clone(),
             tcp_addrs: vec![self.listen_addr],
             regions,
-            ucx_worker: Vec::new(),
+            ucx_worker: self
+                .ucx
+                .get()
+                .map(|u| u.worker_addr.clone())
+                .unwrap_or_default(),
         }
     }
 
@@ -181,10 +192,13 @@ impl Inner {
                     msg: "disabled in this agent's configuration".into(),
                 }),
             },
-            Backend::Ucx => Err(Error::Unavailable {
-                backend: "ucx",
-                msg: "not enabled in this agent".into(),
-            }),
+            Backend::Ucx => match self.ucx.get() {
+                Some(u) => u.submit(st.clone()),
+                None => Err(Error::Unavailable {
+                    backend: "ucx",
+                    msg: "not enabled in this agent".into(),
+                }),
+            },
         }
     }
 }
@@ -241,8 +255,13 @@ impl Agent {
             notif_async: tokio::sync::Notify::new(),
             closed: AtomicBool::new(false),
             shm,
+            ucx: std::sync::OnceLock::new(),
             cfg,
         });
+        if inner.cfg.ucx {
+            let u = crate::ucx::Ucx::start(Arc::downgrade(&inner), &inner.name, inner.cfg.timeout)?;
+            let _ = inner.ucx.set(u);
+        }
         if let Some(w) = &inner.shm {
             w.start(Arc::downgrade(&inner))?;
         }
@@ -326,6 +345,16 @@ impl Agent {
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         let mut g = self.inner.regions.write();
         g.0.insert(addr, len, id, kind, dev)?;
+        let ucx = match self.inner.ucx.get() {
+            Some(u) => match u.register(addr, len) {
+                Ok(x) => Some(x),
+                Err(e) => {
+                    g.0.remove(id);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         g.1.insert(
             id,
             LocalRegion {
@@ -334,6 +363,7 @@ impl Agent {
                 kind,
                 dev,
                 owner,
+                ucx,
             },
         );
         Ok(RegionId(id))
@@ -343,10 +373,13 @@ impl Agent {
     /// target; peers should load fresh metadata.
     pub fn deregister(&self, id: RegionId) -> Result<()> {
         let mut g = self.inner.regions.write();
-        if g.1.remove(&id.0).is_none() {
+        let Some(r) = g.1.remove(&id.0) else {
             return Err(Error::Invalid(format!("region {} is not registered", id.0)));
-        }
+        };
         g.0.remove(id.0);
+        if let (Some(u), Some((token, _))) = (self.inner.ucx.get(), r.ucx) {
+            u.deregister(token);
+        }
         Ok(())
     }
 
@@ -471,10 +504,16 @@ impl Agent {
                     msg: "disabled in this agent's configuration".into(),
                 })
             }
-            Backend::Ucx => {
+            Backend::Ucx if self.inner.ucx.get().is_none() => {
                 return Err(Error::Unavailable {
                     backend: "ucx",
-                    msg: "not enabled in this agent".into(),
+                    msg: "not enabled in this agent (AgentConfig::ucx)".into(),
+                })
+            }
+            Backend::Ucx if r.meta.ucx_worker.is_empty() => {
+                return Err(Error::Unavailable {
+                    backend: "ucx",
+                    msg: format!("{remote:?} did not enable UCX"),
                 })
             }
             _ => {}
@@ -631,6 +670,9 @@ impl Drop for Agent {
         }
         if let Some(w) = &self.inner.shm {
             w.stop();
+        }
+        if let Some(u) = self.inner.ucx.get() {
+            u.stop();
         }
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();

@@ -16,7 +16,7 @@
 //! * `Shm`: same host only, `process_vm_readv`/`process_vm_writev` between the two processes
 //!   (one copy, no staging); notifications and liveness go over the TCP connection.
 //! * `Ucx`: UCP RMA put/get with remote keys and active messages for notifications, through
-//!   `kvmesh-ucx-sys` with `libucp` loaded at run time (see [`ucx`]).
+//!   `kvmesh-ucx-sys` with `libucp` loaded at run time ([`AgentConfig::ucx`]).
 //!
 //! Failures fail closed: a dead or silent peer fails every transfer in flight on it within the
 //! agent's timeout, a notification is only delivered when every byte of its WRITE arrived, and a
@@ -29,6 +29,7 @@ mod mem;
 mod metadata;
 mod shm;
 mod tcp;
+mod ucx;
 mod wire;
 mod xfer;
 

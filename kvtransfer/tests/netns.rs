@@ -86,6 +86,7 @@ impl Namespaces {
             prefix: vec!["ip".into(), "netns".into(), "exec".into(), self.b.clone()],
             local_ip: format!("10.77.{subnet}.1").parse().unwrap(),
             peer_ip: format!("10.77.{subnet}.2").parse().unwrap(),
+            ucx: false,
         }
     }
 }
@@ -99,9 +100,17 @@ impl Drop for Namespaces {
 
 /// Each test gets its own pair of namespaces (tests run on parallel threads).
 fn with_netns(tag: &str, subnet: u8, f: impl FnOnce(&Net) + Send) {
+    with_netns_ucx(tag, subnet, false, f)
+}
+
+fn with_netns_ucx(tag: &str, subnet: u8, ucx: bool, f: impl FnOnce(&Net) + Send) {
+    if ucx {
+        common::ucx_env();
+    }
     let ns = Namespaces::create(tag, subnet);
     // Run on a fresh thread so setns never leaks into the test harness's threads.
-    let net = ns.net(subnet);
+    let mut net = ns.net(subnet);
+    net.ucx = ucx;
     std::thread::scope(|s| {
         s.spawn(|| {
             ns.enter_a();
@@ -132,4 +141,16 @@ fn netns_killed_initiator_tcp() {
 #[test]
 fn netns_restarted_peer_reconnects_tcp() {
     with_netns("s", 4, |net| restarted_peer(net, &[Backend::Tcp]));
+}
+
+#[test]
+fn netns_random_descriptor_lists_ucx() {
+    with_netns_ucx("u", 5, true, |net| {
+        random_lists(net, Backend::Ucx, 2_000, 22)
+    });
+}
+
+#[test]
+fn netns_killed_target_ucx() {
+    with_netns_ucx("v", 6, true, |net| killed_target(net, Backend::Ucx));
 }

@@ -3,11 +3,11 @@
 //!
 //! ```text
 //! kvtransfer-peer --name NAME --size BYTES [--listen IP:PORT] [--advertise IP]
-//!                 [--timeout-ms N] [--no-shm] [--seed N]
+//!                 [--timeout-ms N] [--no-shm] [--ucx] [--seed N]
 //! ```
 //! Prints `ADDR <listen address>` and `META <hex metadata>`, then answers commands:
 //! `load <hex>`, `connect <addr>`, `fill <seed>`, `sum <off> <len>`, `sumdescs <off:len,...>`,
-//! `notifs`, `writeloop <remote> <tcp|shm> <slot bytes> <slots>`, `quit`.
+//! `notifs`, `writeloop <remote> <tcp|shm|ucx> <slot bytes> <slots>`, `quit`.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
@@ -82,6 +82,7 @@ fn run() -> Result<(), String> {
                     Duration::from_millis(val()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?)
             }
             "--no-shm" => cfg.shm = false,
+            "--ucx" => cfg.ucx = true,
             _ => return Err(format!("unknown argument {a}")),
         }
     }
@@ -146,6 +147,7 @@ fn run() -> Result<(), String> {
             ["writeloop", remote, backend, slot, slots] => {
                 let backend = match *backend {
                     "tcp" => Backend::Tcp,
+                    "ucx" => Backend::Ucx,
                     _ => Backend::Shm,
                 };
                 let slot: usize = slot.parse().map_err(|_| "bad slot")?;

@@ -19,6 +19,8 @@ pub struct Net {
     /// Address this process's agents listen on (and, with `netns`, the namespace it enters).
     pub local_ip: std::net::IpAddr,
     pub peer_ip: std::net::IpAddr,
+    /// Both agents enable UCX.
+    pub ucx: bool,
 }
 
 impl Net {
@@ -27,6 +29,16 @@ impl Net {
             prefix: Vec::new(),
             local_ip: "127.0.0.1".parse().unwrap(),
             peer_ip: "127.0.0.1".parse().unwrap(),
+            ucx: false,
+        }
+    }
+
+    /// Loopback with UCX on both sides.
+    pub fn loopback_ucx() -> Net {
+        ucx_env();
+        Net {
+            ucx: true,
+            ..Net::loopback()
         }
     }
 
@@ -34,12 +46,16 @@ impl Net {
         let mut c = AgentConfig::new(name);
         c.timeout = timeout;
         c.listen = SocketAddr::new(self.local_ip, 0);
+        c.ucx = self.ucx;
         Agent::new(c).expect("agent")
     }
 
     pub fn peer(&self, name: &str, size: usize, extra: &[&str]) -> Peer {
         let listen = SocketAddr::new(self.peer_ip, 0).to_string();
         let mut args = vec!["--listen", listen.as_str()];
+        if self.ucx {
+            args.push("--ucx");
+        }
         args.extend_from_slice(extra);
         let prefix: Vec<&str> = self.prefix.iter().map(|s| s.as_str()).collect();
         Peer::start(&prefix, name, size, &args)
@@ -226,3 +242,30 @@ pub fn descs(base: u64, pieces: &[(u64, u64)]) -> DescList {
 }
 
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Points `KVTRANSFER_UCX_LIB` at the UCX that `kvtransfer/setup.sh` installed (for this
+/// process and the peers it starts); fails clearly when it is not installed.
+pub fn ucx_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("KVTRANSFER_UCX_LIB").is_some() {
+            return;
+        }
+        let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/setup.sh");
+        let out = std::process::Command::new(setup)
+            .arg("--env")
+            .output()
+            .expect("run kvtransfer/setup.sh --env");
+        assert!(
+            out.status.success(),
+            "UCX is not installed: run kvtransfer/setup.sh first ({})",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some((k, v)) = l.split_once('=') {
+                // Set once, before any agent of this process reads it.
+                std::env::set_var(k, v);
+            }
+        }
+    });
+}

@@ -1,0 +1,813 @@
+//! The UCX backend: UCP RMA (put/get with remote keys) for data, active messages for
+//! notifications, one progress thread per agent that owns the UCP worker.
+//!
+//! `libucp` (UCX >= 1.22) is opened at run time through `kvmesh-ucx-sys`; an agent created with
+//! [`AgentConfig::ucx`](crate::AgentConfig::ucx) fails with a clear message when it is missing.
+//! UCX picks the transports (rc/dc with RDMA hardware; tcp, posix/sysv shared memory and cma
+//! otherwise; `UCX_TLS` narrows them).
+//!
+//! A WRITE posts one put per segment and then flushes the endpoint: when the flush completes,
+//! the data is visible at the target, and only then is the notification sent (an eager active
+//! message on the same endpoint). A READ posts gets and flushes likewise. Peer failures reach
+//! in-flight transfers through the endpoint's error handler; a transfer that makes no progress
+//! for the agent's timeout has its endpoint force-closed, which fails it.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use kvmesh_ucx_sys as sys;
+
+use crate::agent::{Inner, Notif, Remote};
+use crate::error::{peer_err, Error, Result};
+use crate::xfer::{Op, XferShared};
+
+const AM_NOTIF: u32 = 7;
+
+fn status_str(lib: &sys::Ucp, s: sys::ucs_status_t) -> String {
+    match lib.ucs_status_string.as_ref() {
+        // SAFETY: ucs_status_string returns a static C string for any status.
+        Ok(f) => unsafe { std::ffi::CStr::from_ptr(f(s)) }
+            .to_string_lossy()
+            .into_owned(),
+        Err(_) => format!("status {s}"),
+    }
+}
+
+macro_rules! f {
+    ($lib:expr, $name:ident) => {
+        $lib.$name.as_ref().map_err(|e| Error::Unavailable {
+            backend: "ucx",
+            msg: format!("libucp lacks {}: {e}", stringify!($name)),
+        })?
+    };
+}
+
+enum Cmd {
+    Register {
+        addr: u64,
+        len: u64,
+        reply: crossbeam_channel::Sender<Result<(usize, Vec<u8>)>>,
+    },
+    Deregister(usize),
+    Xfer(Arc<XferShared>),
+}
+
+/// Handle of the UCX backend, held by the agent.
+pub(crate) struct Ucx {
+    tx: crossbeam_channel::Sender<Cmd>,
+    wake: i32,
+    pub worker_addr: Vec<u8>,
+    stop: Arc<AtomicBool>,
+    thread: parking_lot::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Ucx {
+    fn drop(&mut self) {
+        self.stop();
+        // SAFETY: our eventfd.
+        unsafe { libc::close(self.wake) };
+    }
+}
+
+impl Ucx {
+    pub fn start(inner: Weak<Inner>, name: &str, timeout: Duration) -> Result<Ucx> {
+        let lib = sys::load(None).map_err(|msg| Error::Unavailable {
+            backend: "ucx",
+            msg,
+        })?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // SAFETY: eventfd with valid flags.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if wake < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("kvtransfer-ucx-{name}"))
+            .spawn(move || match Worker::new(lib, inner, wake, timeout) {
+                Ok(mut w) => {
+                    let _ = ready_tx.send(Ok(w.addr.clone()));
+                    w.run(&rx, &stop2);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })?;
+        let worker_addr = match ready_rx.recv() {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                // SAFETY: our eventfd.
+                unsafe { libc::close(wake) };
+                return Err(e);
+            }
+            Err(_) => {
+                return Err(Error::Unavailable {
+                    backend: "ucx",
+                    msg: "the UCX thread died".into(),
+                })
+            }
+        };
+        Ok(Ucx {
+            tx,
+            wake,
+            worker_addr,
+            stop,
+            thread: parking_lot::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Stops the progress thread (transfers still in flight fail).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wakeup();
+        let mut g = self.thread.lock();
+        if g.as_ref()
+            .is_some_and(|t| t.thread().id() == std::thread::current().id())
+        {
+            return; // dropped on the UCX thread itself: it exits by the flag
+        }
+        if let Some(t) = g.take() {
+            let _ = t.join();
+        }
+    }
+
+    fn wakeup(&self) {
+        let one = 1u64;
+        // SAFETY: writing 8 bytes to our eventfd.
+        unsafe { libc::write(self.wake, (&one as *const u64).cast(), 8) };
+    }
+
+    fn send(&self, c: Cmd) -> Result<()> {
+        self.tx.send(c).map_err(|_| Error::Unavailable {
+            backend: "ucx",
+            msg: "the UCX thread stopped".into(),
+        })?;
+        self.wakeup();
+        Ok(())
+    }
+
+    /// Maps a region for RMA; returns the mapping's token and the packed remote key.
+    pub fn register(&self, addr: u64, len: u64) -> Result<(usize, Vec<u8>)> {
+        let (reply, r) = crossbeam_channel::bounded(1);
+        self.send(Cmd::Register { addr, len, reply })?;
+        r.recv().map_err(|_| Error::Unavailable {
+            backend: "ucx",
+            msg: "the UCX thread stopped".into(),
+        })?
+    }
+
+    pub fn deregister(&self, token: usize) {
+        let _ = self.send(Cmd::Deregister(token));
+    }
+
+    pub fn submit(&self, x: Arc<XferShared>) -> Result<()> {
+        self.send(Cmd::Xfer(x))
+    }
+}
+
+/// State of one remote endpoint (progress thread only).
+struct Ep {
+    ep: sys::ucp_ep_h,
+    rkeys: HashMap<u32, sys::ucp_rkey_h>,
+    failed: Box<EpFailure>,
+    remote: Arc<Remote>,
+}
+
+/// Written by the endpoint error handler.
+struct EpFailure {
+    status: std::sync::atomic::AtomicI8,
+}
+
+struct Flush {
+    x: Arc<XferShared>,
+    free: unsafe extern "C" fn(*mut c_void),
+    done: crossbeam_channel::Sender<(Arc<XferShared>, sys::ucs_status_t)>,
+}
+
+struct Worker {
+    lib: Arc<sys::Ucp>,
+    ctx: sys::ucp_context_h,
+    worker: sys::ucp_worker_h,
+    efd: i32,
+    wake: i32,
+    addr: Vec<u8>,
+    eps: HashMap<(String, u64), Ep>,
+    inflight: Vec<(Arc<XferShared>, Instant, (String, u64))>,
+    done_tx: crossbeam_channel::Sender<(Arc<XferShared>, sys::ucs_status_t)>,
+    done_rx: crossbeam_channel::Receiver<(Arc<XferShared>, sys::ucs_status_t)>,
+    timeout: Duration,
+    am_arg: *mut Weak<Inner>,
+    name: String,
+    mapped: std::collections::HashSet<usize>,
+}
+
+extern "C" fn ep_error(arg: *mut c_void, _ep: sys::ucp_ep_h, status: sys::ucs_status_t) {
+    // SAFETY: arg is the EpFailure boxed in Ep, which outlives the endpoint.
+    let f = unsafe { &*(arg as *const EpFailure) };
+    f.status.store(status, Ordering::Release);
+}
+
+extern "C" fn flush_done(req: *mut c_void, status: sys::ucs_status_t, user: *mut c_void) {
+    // SAFETY: user is the Box<Flush> leaked when the flush was posted; called once.
+    let f = unsafe { Box::from_raw(user as *mut Flush) };
+    // SAFETY: the flush request UCX handed back at post; released once, here.
+    unsafe { (f.free)(req) };
+    let _ = f.done.send((f.x, status));
+}
+
+extern "C" fn am_recv(
+    arg: *mut c_void,
+    header: *const c_void,
+    header_length: usize,
+    data: *mut c_void,
+    length: usize,
+    param: *const sys::ucp_am_recv_param_t,
+) -> sys::ucs_status_t {
+    // SAFETY: arg is the Box<Weak<Inner>> the worker owns; param is valid during the call.
+    let (inner, attr) = unsafe { (&*(arg as *const Weak<Inner>), (*param).recv_attr) };
+    if attr & (sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64) != 0 {
+        // Notifications are sent eager; a rendezvous one is not ours.
+        return sys::UCS_OK;
+    }
+    // SAFETY: UCX passes header/data buffers valid for the given lengths during the call.
+    let (h, d) = unsafe {
+        (
+            if header_length == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(header as *const u8, header_length)
+            },
+            if length == 0 {
+                &[][..]
+            } else {
+                std::slice::from_raw_parts(data as *const u8, length)
+            },
+        )
+    };
+    if let Some(i) = inner.upgrade() {
+        i.push_notif(Notif {
+            from: String::from_utf8_lossy(h).into_owned(),
+            msg: d.to_vec(),
+        });
+    }
+    sys::UCS_OK
+}
+
+impl Worker {
+    fn new(lib: sys::Ucp, inner: Weak<Inner>, wake: i32, timeout: Duration) -> Result<Worker> {
+        let lib = Arc::new(lib);
+        let name = inner.upgrade().map(|i| i.name.clone()).unwrap_or_default();
+        let fail = |what: &str, s: sys::ucs_status_t| Error::Unavailable {
+            backend: "ucx",
+            msg: format!("{what}: {}", status_str(&lib, s)),
+        };
+        // SAFETY: zeroed C parameter structs are valid with field_mask selecting what is set;
+        // every handle passed on is one UCX just returned.
+        unsafe {
+            let mut cfg: *mut sys::ucp_config_t = std::ptr::null_mut();
+            let s = f!(lib, ucp_config_read)(std::ptr::null(), std::ptr::null(), &mut cfg);
+            if s != sys::UCS_OK {
+                return Err(fail("ucp_config_read", s));
+            }
+            let mut p: sys::ucp_params_t = std::mem::zeroed();
+            p.field_mask =
+                (sys::UCP_PARAM_FIELD_FEATURES | sys::UCP_PARAM_FIELD_MT_WORKERS_SHARED) as u64;
+            p.features =
+                (sys::UCP_FEATURE_RMA | sys::UCP_FEATURE_AM | sys::UCP_FEATURE_WAKEUP) as u64;
+            p.mt_workers_shared = 0;
+            let mut ctx: sys::ucp_context_h = std::ptr::null_mut();
+            let s = f!(lib, ucp_init_version)(
+                sys::UCP_API_MAJOR,
+                sys::UCP_API_MINOR,
+                &p,
+                cfg,
+                &mut ctx,
+            );
+            f!(lib, ucp_config_release)(cfg);
+            if s != sys::UCS_OK {
+                return Err(fail("ucp_init", s));
+            }
+            let mut wp: sys::ucp_worker_params_t = std::mem::zeroed();
+            wp.field_mask = sys::UCP_WORKER_PARAM_FIELD_THREAD_MODE as u64;
+            wp.thread_mode = sys::UCS_THREAD_MODE_SINGLE;
+            let mut worker: sys::ucp_worker_h = std::ptr::null_mut();
+            let s = f!(lib, ucp_worker_create)(ctx, &wp, &mut worker);
+            if s != sys::UCS_OK {
+                f!(lib, ucp_cleanup)(ctx);
+                return Err(fail("ucp_worker_create", s));
+            }
+            let mut efd = -1;
+            let s = f!(lib, ucp_worker_get_efd)(worker, &mut efd);
+            if s != sys::UCS_OK {
+                return Err(fail("ucp_worker_get_efd", s));
+            }
+            let mut attr: sys::ucp_worker_attr_t = std::mem::zeroed();
+            attr.field_mask = sys::UCP_WORKER_ATTR_FIELD_ADDRESS as u64;
+            let s = f!(lib, ucp_worker_query)(worker, &mut attr);
+            if s != sys::UCS_OK {
+                return Err(fail("ucp_worker_query", s));
+            }
+            let addr =
+                std::slice::from_raw_parts(attr.address as *const u8, attr.address_length).to_vec();
+            f!(lib, ucp_worker_release_address)(worker, attr.address);
+            let am_arg = Box::into_raw(Box::new(inner));
+            let mut hp: sys::ucp_am_handler_param_t = std::mem::zeroed();
+            hp.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
+                | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
+                | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG) as u64;
+            hp.id = AM_NOTIF;
+            hp.cb = Some(am_recv);
+            hp.arg = am_arg as *mut c_void;
+            let s = f!(lib, ucp_worker_set_am_recv_handler)(worker, &hp);
+            if s != sys::UCS_OK {
+                drop(Box::from_raw(am_arg));
+                return Err(fail("ucp_worker_set_am_recv_handler", s));
+            }
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            Ok(Worker {
+                lib,
+                ctx,
+                worker,
+                efd,
+                wake,
+                addr,
+                eps: HashMap::new(),
+                inflight: Vec::new(),
+                done_tx,
+                done_rx,
+                timeout,
+                am_arg,
+                name,
+                mapped: std::collections::HashSet::new(),
+            })
+        }
+    }
+
+    fn run(&mut self, rx: &crossbeam_channel::Receiver<Cmd>, stop: &AtomicBool) {
+        let Ok(progress) = self.lib.ucp_worker_progress.as_ref().copied() else {
+            return;
+        };
+        let Ok(arm) = self.lib.ucp_worker_arm.as_ref().copied() else {
+            return;
+        };
+        let mut last_check = Instant::now();
+        while !stop.load(Ordering::Acquire) {
+            let mut busy = false;
+            while let Ok(c) = rx.try_recv() {
+                busy = true;
+                self.handle(c);
+            }
+            // SAFETY: our worker, on its own thread.
+            while unsafe { progress(self.worker) } != 0 {
+                busy = true;
+            }
+            while let Ok((x, s)) = self.done_rx.try_recv() {
+                busy = true;
+                self.finish(&x, s);
+            }
+            if last_check.elapsed() > Duration::from_millis(20) {
+                last_check = Instant::now();
+                self.check_eps();
+            }
+            if busy {
+                continue;
+            }
+            if !self.inflight.is_empty() {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Idle: sleep until UCX or a command wakes us.
+            // SAFETY: our worker.
+            if unsafe { arm(self.worker) } == sys::UCS_OK {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: self.efd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: self.wake,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: two valid pollfds.
+                unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+                let mut buf = 0u64;
+                // SAFETY: reading 8 bytes from our non-blocking eventfd.
+                unsafe { libc::read(self.wake, (&mut buf as *mut u64).cast(), 8) };
+            }
+        }
+        self.shutdown();
+    }
+
+    fn handle(&mut self, c: Cmd) {
+        match c {
+            Cmd::Register { addr, len, reply } => {
+                let r = self.map(addr, len);
+                if let Ok((t, _)) = &r {
+                    self.mapped.insert(*t);
+                }
+                let _ = reply.send(r);
+            }
+            Cmd::Deregister(token) => {
+                if !self.mapped.remove(&token) {
+                    return;
+                }
+                if let Ok(unmap) = self.lib.ucp_mem_unmap.as_ref() {
+                    // SAFETY: token is a memh our map() returned.
+                    unsafe { unmap(self.ctx, token as sys::ucp_mem_h) };
+                }
+            }
+            Cmd::Xfer(x) => {
+                if x.is_cancelled() {
+                    x.complete(Err(Error::Cancelled));
+                    return;
+                }
+                if let Err(e) = self.post(&x) {
+                    x.complete(Err(e));
+                }
+            }
+        }
+    }
+
+    fn map(&mut self, addr: u64, len: u64) -> Result<(usize, Vec<u8>)> {
+        let lib = self.lib.clone();
+        // SAFETY: zeroed params with ADDRESS|LENGTH selected map existing memory of ours.
+        unsafe {
+            let mut p: sys::ucp_mem_map_params_t = std::mem::zeroed();
+            p.field_mask =
+                (sys::UCP_MEM_MAP_PARAM_FIELD_ADDRESS | sys::UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64;
+            p.address = addr as *mut c_void;
+            p.length = len as usize;
+            let mut memh: sys::ucp_mem_h = std::ptr::null_mut();
+            let s = f!(lib, ucp_mem_map)(self.ctx, &p, &mut memh);
+            if s != sys::UCS_OK {
+                return Err(Error::Io(format!("ucp_mem_map: {}", status_str(&lib, s))));
+            }
+            let mut buf: *mut c_void = std::ptr::null_mut();
+            let mut size = 0usize;
+            let s = f!(lib, ucp_rkey_pack)(self.ctx, memh, &mut buf, &mut size);
+            if s != sys::UCS_OK {
+                f!(lib, ucp_mem_unmap)(self.ctx, memh);
+                return Err(Error::Io(format!("ucp_rkey_pack: {}", status_str(&lib, s))));
+            }
+            let rkey = std::slice::from_raw_parts(buf as *const u8, size).to_vec();
+            f!(lib, ucp_rkey_buffer_release)(buf);
+            Ok((memh as usize, rkey))
+        }
+    }
+
+    fn key(r: &Remote) -> (String, u64) {
+        (r.meta.name.clone(), r.meta.instance)
+    }
+
+    /// The endpoint to a remote, created on first use (and again after a failure).
+    fn ep(&mut self, r: &Arc<Remote>) -> Result<sys::ucp_ep_h> {
+        let key = Self::key(r);
+        if let Some(e) = self.eps.get(&key) {
+            if e.failed.status.load(Ordering::Acquire) == sys::UCS_OK {
+                return Ok(e.ep);
+            }
+            let s = e.failed.status.load(Ordering::Acquire);
+            let msg = status_str(&self.lib, s);
+            self.close_ep(&key);
+            return Err(peer_err(
+                &r.meta.name,
+                format!("UCX endpoint failed: {msg}"),
+            ));
+        }
+        if r.meta.ucx_worker.is_empty() {
+            return Err(Error::Unavailable {
+                backend: "ucx",
+                msg: format!("{:?} did not enable UCX", r.meta.name),
+            });
+        }
+        let failed = Box::new(EpFailure {
+            status: std::sync::atomic::AtomicI8::new(sys::UCS_OK),
+        });
+        let lib = self.lib.clone();
+        // SAFETY: the worker address bytes outlive the call; the error handler's argument is
+        // the boxed EpFailure that lives as long as the endpoint.
+        let ep = unsafe {
+            let mut p: sys::ucp_ep_params_t = std::mem::zeroed();
+            p.field_mask = (sys::UCP_EP_PARAM_FIELD_REMOTE_ADDRESS
+                | sys::UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE
+                | sys::UCP_EP_PARAM_FIELD_ERR_HANDLER) as u64;
+            p.address = r.meta.ucx_worker.as_ptr() as *const sys::ucp_address_t;
+            p.err_mode = sys::UCP_ERR_HANDLING_MODE_PEER;
+            p.err_handler.cb = Some(ep_error);
+            p.err_handler.arg = &*failed as *const EpFailure as *mut c_void;
+            let mut ep: sys::ucp_ep_h = std::ptr::null_mut();
+            let s = f!(lib, ucp_ep_create)(self.worker, &p, &mut ep);
+            if s != sys::UCS_OK {
+                return Err(peer_err(
+                    &r.meta.name,
+                    format!("ucp_ep_create: {}", status_str(&lib, s)),
+                ));
+            }
+            ep
+        };
+        self.eps.insert(
+            key,
+            Ep {
+                ep,
+                rkeys: HashMap::new(),
+                failed,
+                remote: r.clone(),
+            },
+        );
+        Ok(ep)
+    }
+
+    fn rkey(&mut self, r: &Arc<Remote>, region: u32) -> Result<sys::ucp_rkey_h> {
+        let key = Self::key(r);
+        let lib = self.lib.clone();
+        let e = self.eps.get_mut(&key).expect("endpoint exists");
+        if let Some(k) = e.rkeys.get(&region) {
+            return Ok(*k);
+        }
+        let packed = r
+            .meta
+            .regions
+            .iter()
+            .find(|m| m.id == region)
+            .map(|m| &m.ucx_rkey)
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| {
+                peer_err(
+                    &r.meta.name,
+                    format!("region {region} has no UCX remote key"),
+                )
+            })?;
+        let mut rk: sys::ucp_rkey_h = std::ptr::null_mut();
+        // SAFETY: packed bytes came from the peer's ucp_rkey_pack; UCX validates them.
+        let s =
+            unsafe { f!(lib, ucp_ep_rkey_unpack)(e.ep, packed.as_ptr() as *const c_void, &mut rk) };
+        if s != sys::UCS_OK {
+            return Err(peer_err(
+                &r.meta.name,
+                format!("bad UCX remote key: {}", status_str(&lib, s)),
+            ));
+        }
+        e.rkeys.insert(region, rk);
+        Ok(rk)
+    }
+
+    fn post(&mut self, x: &Arc<XferShared>) -> Result<()> {
+        let r = x.remote.clone();
+        let ep = self.ep(&r)?;
+        let lib = self.lib.clone();
+        let put = *f!(lib, ucp_put_nbx);
+        let get = *f!(lib, ucp_get_nbx);
+        let free = *f!(lib, ucp_request_free);
+        let flush = *f!(lib, ucp_ep_flush_nbx);
+        let mut last_region = u32::MAX;
+        let mut rk: sys::ucp_rkey_h = std::ptr::null_mut();
+        for (i, (l, rm)) in x.local.iter().zip(&x.remote_segs).enumerate() {
+            let region = x.remote_regions[i];
+            if region != last_region {
+                rk = self.rkey(&r, region)?;
+                last_region = region;
+            }
+            // SAFETY: local segments lie in our registered (mapped) regions, remote ones in the
+            // peer's regions named by the rkey; a zeroed param asks for no callback.
+            let sp = unsafe {
+                let p: sys::ucp_request_param_t = std::mem::zeroed();
+                match x.op {
+                    Op::Write => put(ep, l.addr as *const c_void, l.len as usize, rm.addr, rk, &p),
+                    Op::Read => get(ep, l.addr as *mut c_void, l.len as usize, rm.addr, rk, &p),
+                }
+            };
+            if sys::ptr_is_err(sp) {
+                return Err(peer_err(
+                    &r.meta.name,
+                    format!("UCX {:?}: {}", x.op, status_str(&lib, sys::ptr_status(sp))),
+                ));
+            }
+            if sys::ptr_is_ptr(sp) {
+                // SAFETY: a request UCX returned; it is released when it completes.
+                unsafe { free(sp) };
+            }
+        }
+        // The flush completes once every put/get completed (remotely visible for puts).
+        let user = Box::into_raw(Box::new(Flush {
+            x: x.clone(),
+            free,
+            done: self.done_tx.clone(),
+        }));
+        // SAFETY: the callback receives `user` once; param fields selected by op_attr_mask.
+        let sp = unsafe {
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA;
+            p.cb.send = Some(flush_done);
+            p.user_data = user as *mut c_void;
+            flush(ep, &p)
+        };
+        if sys::ptr_is_ptr(sp) {
+            // The callback releases the request.
+            self.inflight
+                .push((x.clone(), Instant::now(), Self::key(&r)));
+        } else {
+            // Completed (or failed) at once: the callback will not run.
+            // SAFETY: reclaim the box the callback would have taken.
+            drop(unsafe { Box::from_raw(user) });
+            let s = sys::ptr_status(sp);
+            self.finish(x, s);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, x: &Arc<XferShared>, s: sys::ucs_status_t) {
+        self.inflight.retain(|(y, _, _)| !Arc::ptr_eq(x, y));
+        if s != sys::UCS_OK {
+            let why = status_str(&self.lib, s);
+            x.complete(Err(peer_err(
+                &x.remote.meta.name,
+                format!("UCX transfer failed: {why}"),
+            )));
+            return;
+        }
+        if let Some(e) = self.eps.get(&Self::key(&x.remote)) {
+            let f = e.failed.status.load(Ordering::Acquire);
+            if f != sys::UCS_OK {
+                let why = status_str(&self.lib, f);
+                x.complete(Err(peer_err(
+                    &x.remote.meta.name,
+                    format!("UCX endpoint failed: {why}"),
+                )));
+                return;
+            }
+        }
+        if x.is_cancelled() {
+            x.complete(Err(Error::Cancelled));
+            return;
+        }
+        if let Some(m) = x.take_notif() {
+            let r = x.remote.clone();
+            match self.ep(&r).and_then(|ep| self.am(ep, &m)) {
+                Ok(()) => {}
+                Err(e) => {
+                    x.complete(Err(e));
+                    return;
+                }
+            }
+        }
+        x.complete(Ok(()));
+    }
+
+    fn am(&mut self, ep: sys::ucp_ep_h, m: &[u8]) -> Result<()> {
+        let lib = self.lib.clone();
+        let send = *f!(lib, ucp_am_send_nbx);
+        let free = *f!(lib, ucp_request_free);
+        let name = self.name.as_bytes().to_vec();
+        // UCX may keep using the buffers until the send completes: leak-free by blocking on
+        // progress until it does (notifications are small and eager).
+        let data = m.to_vec();
+        // SAFETY: header/data live until the request completes below; eager flag set.
+        unsafe {
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
+            p.flags = sys::UCP_AM_SEND_FLAG_EAGER | sys::UCP_AM_SEND_FLAG_REPLY * 0;
+            let sp = send(
+                ep,
+                AM_NOTIF,
+                name.as_ptr() as *const c_void,
+                name.len(),
+                data.as_ptr() as *const c_void,
+                data.len(),
+                &p,
+            );
+            if sys::ptr_is_err(sp) {
+                return Err(Error::Io(format!(
+                    "UCX notification: {}",
+                    status_str(&lib, sys::ptr_status(sp))
+                )));
+            }
+            if sys::ptr_is_ptr(sp) {
+                let check = *f!(lib, ucp_request_check_status);
+                let progress = *f!(lib, ucp_worker_progress);
+                let t = Instant::now();
+                while check(sp) == sys::UCS_INPROGRESS {
+                    progress(self.worker);
+                    if t.elapsed() > self.timeout {
+                        break;
+                    }
+                }
+                let s = check(sp);
+                free(sp);
+                if s != sys::UCS_OK {
+                    return Err(Error::Io(format!(
+                        "UCX notification: {}",
+                        status_str(&lib, s)
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails transfers whose endpoint failed or that made no progress for the timeout: their
+    /// endpoint is force-closed, which completes their flush with an error.
+    fn check_eps(&mut self) {
+        let now = Instant::now();
+        let mut close = Vec::new();
+        for (_, t, key) in &self.inflight {
+            let failed = self
+                .eps
+                .get(key)
+                .map(|e| e.failed.status.load(Ordering::Acquire) != sys::UCS_OK)
+                .unwrap_or(true);
+            if failed || now.duration_since(*t) > self.timeout {
+                close.push(key.clone());
+            }
+        }
+        for key in close {
+            self.close_ep(&key);
+            // Whatever is still in flight on it has failed.
+            let stuck: Vec<_> = self
+                .inflight
+                .iter()
+                .filter(|(_, _, k)| *k == key)
+                .map(|(x, _, _)| x.clone())
+                .collect();
+            self.inflight.retain(|(_, _, k)| *k != key);
+            for x in stuck {
+                x.complete(Err(Error::Timeout {
+                    peer: key.0.clone(),
+                    after: self.timeout,
+                }));
+            }
+        }
+    }
+
+    fn close_ep(&mut self, key: &(String, u64)) {
+        let Some(e) = self.eps.remove(key) else {
+            return;
+        };
+        let lib = self.lib.clone();
+        // SAFETY: rkeys and the endpoint are ours; force close cancels outstanding operations
+        // (their callbacks run with an error during the progress below).
+        unsafe {
+            if let Ok(d) = lib.ucp_rkey_destroy.as_ref() {
+                for (_, k) in e.rkeys {
+                    d(k);
+                }
+            }
+            if let (Ok(close), Ok(progress), Ok(check), Ok(free)) = (
+                lib.ucp_ep_close_nbx.as_ref(),
+                lib.ucp_worker_progress.as_ref(),
+                lib.ucp_request_check_status.as_ref(),
+                lib.ucp_request_free.as_ref(),
+            ) {
+                let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+                p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
+                p.flags = sys::UCP_EP_CLOSE_FLAG_FORCE;
+                let sp = close(e.ep, &p);
+                if sys::ptr_is_ptr(sp) {
+                    let t = Instant::now();
+                    while check(sp) == sys::UCS_INPROGRESS && t.elapsed() < Duration::from_secs(2) {
+                        progress(self.worker);
+                    }
+                    free(sp);
+                }
+            }
+        }
+        // The error handler's argument must outlive the endpoint: leak it if the close did not
+        // finish, drop it otherwise (it is no longer referenced after a completed close).
+        drop(e.failed);
+        let _ = e.remote;
+    }
+
+    fn shutdown(&mut self) {
+        let keys: Vec<_> = self.eps.keys().cloned().collect();
+        for k in keys {
+            self.close_ep(&k);
+        }
+        for (x, _, _) in std::mem::take(&mut self.inflight) {
+            x.complete(Err(Error::Invalid("the agent was dropped".into())));
+        }
+        let lib = self.lib.clone();
+        // SAFETY: our mappings, worker and context; nothing uses them after this.
+        unsafe {
+            if let Ok(unmap) = lib.ucp_mem_unmap.as_ref() {
+                for t in self.mapped.drain() {
+                    unmap(self.ctx, t as sys::ucp_mem_h);
+                }
+            }
+            if let Ok(d) = lib.ucp_worker_destroy.as_ref() {
+                d(self.worker);
+            }
+            if let Ok(c) = lib.ucp_cleanup.as_ref() {
+                c(self.ctx);
+            }
+            drop(Box::from_raw(self.am_arg));
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The UCX backend between two real processes on loopback (libucp from the libucx-cu12 wheel
+//! that kvtransfer/setup.sh installs; these tests fail with that hint when it is missing).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::scenarios::*;
+use common::*;
+use kvtransfer::{Agent, AgentConfig, Backend, Error};
+
+#[test]
+fn ucx_random_descriptor_lists() {
+    random_lists(&Net::loopback_ucx(), Backend::Ucx, 3_000, 31);
+}
+
+#[test]
+fn ucx_killed_target() {
+    killed_target(&Net::loopback_ucx(), Backend::Ucx);
+}
+
+#[test]
+fn ucx_killed_initiator() {
+    killed_initiator(&Net::loopback_ucx(), "ucx");
+}
+
+#[test]
+fn ucx_restarted_peer_reconnects() {
+    restarted_peer(&Net::loopback_ucx(), &[Backend::Ucx]);
+}
+
+#[test]
+fn ucx_notification_after_data() {
+    let net = Net::loopback_ucx();
+    let a = net.agent("ucx-notifier", Duration::from_secs(5));
+    let buf = kvtransfer::HostBuffer::new(SIZE).unwrap();
+    buf.fill(0x33);
+    a.register(&buf).unwrap();
+    let mut p = net.peer("ucx-target", SIZE, &[]);
+    let name = a.load_remote(&p.meta).unwrap();
+    let pieces = [(0u64, 4u64 << 20), (5 << 20, 4096)];
+    let h = a
+        .prepare(
+            kvtransfer::Op::Write,
+            &descs(buf.addr(), &pieces),
+            &name,
+            &descs(p.base, &pieces),
+            Some(Backend::Ucx),
+        )
+        .unwrap();
+    h.post(Some(b"ucx-done")).unwrap();
+    assert_eq!(h.wait_timeout(WAIT).unwrap().backend, Backend::Ucx);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let n = p.notifs();
+        if !n.is_empty() {
+            assert_eq!(
+                n,
+                vec![("ucx-notifier".to_string(), "ucx-done".to_string())]
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no UCX notification");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(p.sum(&pieces), local_sum(&buf, &pieces));
+    p.cmd("quit");
+}
+
+/// Without libucp an agent asking for UCX fails with a message naming the fix.
+#[test]
+fn ucx_missing_library_is_named() {
+    let out = std::process::Command::new(peer_bin())
+        .args(["--name", "x", "--size", "4096", "--ucx"])
+        .env("KVTRANSFER_UCX_LIB", "/nonexistent/libucp.so")
+        .env("LD_LIBRARY_PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("UCX") && err.contains("setup.sh"), "{err}");
+    // And an agent without UCX refuses the backend clearly.
+    let a = Agent::new(AgentConfig::new("no-ucx")).unwrap();
+    let b = Agent::new(AgentConfig::new("no-ucx-peer")).unwrap();
+    let name = a.load_remote(&b.export_metadata()).unwrap();
+    let l = descs(0x1000, &[]);
+    assert!(matches!(
+        a.prepare(kvtransfer::Op::Write, &l, &name, &l, Some(Backend::Ucx)),
+        Err(Error::Unavailable { .. })
+    ));
+}
