@@ -417,6 +417,24 @@ impl HostTier {
         })
     }
 
+    /// Pins the block under `key` without counting an access (for the pipeline's own use).
+    pub(crate) fn pin(&self, key: BlockKey) -> Option<HostBlock> {
+        let mut st = self.sh.state.lock();
+        let &s = st.map.get(&key)?;
+        let sl = &mut st.slots[s as usize];
+        if !sl.ready {
+            return None;
+        }
+        sl.pins += 1;
+        let len = sl.len as usize;
+        drop(st);
+        Some(HostBlock {
+            tier: self.clone(),
+            slot: s,
+            len,
+        })
+    }
+
     /// Copies the block under `key` into `dst` (which must be one block long); `false` on a miss.
     pub fn get_into(&self, key: BlockKey, dst: &mut [u8]) -> Result<bool> {
         self.check_len(dst.len())?;

@@ -334,8 +334,8 @@ impl TieredStore {
         if core.disk.is_none() && !remote {
             return Ok(());
         }
-        // Pin the block for the writer (a host hit would count as a read: use the raw pin).
-        let Some(pinned) = core.host.get(key) else {
+        // Pin the block for the writer (not counted as a read).
+        let Some(pinned) = core.host.pin(key) else {
             return Ok(()); // evicted already by a concurrent put: nothing to write down
         };
         let job = WriteJob {
