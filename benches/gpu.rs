@@ -41,17 +41,20 @@ const SWEEP_LAYERS: usize = 8;
 struct Args {
     quick: bool,
     torch: bool,
+    explore: bool,
 }
 
 fn args() -> Args {
     let mut a = Args {
         quick: false,
         torch: true,
+        explore: false,
     };
     for s in std::env::args().skip(1) {
         match s.as_str() {
             "--quick" => a.quick = true,
             "--no-torch" => a.torch = false,
+            "--explore" => a.explore = true,
             "--bench" => {}
             other => {
                 eprintln!("usage: benches/run gpu [--quick] [--no-torch] (unknown {other})");
@@ -201,6 +204,221 @@ fn measure(engine: &Engine, s: &mut Setup, dir: Dir, path: CopyPath, reps: usize
         s.bytes
     };
     Ok(bytes as f64 / median(times) / 1e9)
+}
+
+/// Gather with (`ed`, `pd`) and scatter with (`eh`, `ph`) at once: median GB/s of both together,
+/// and of each direction by its own completion time.
+fn measure_pair(
+    ed: &Engine,
+    pd: CopyPath,
+    eh: &Engine,
+    ph: CopyPath,
+    s: &mut Setup,
+    reps: usize,
+) -> Result<(f64, f64, f64)> {
+    let (mut tot, mut td, mut th) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..reps + 2 {
+        let t = Instant::now();
+        let g = ed.gather(&s.cache, &mut s.host_out, &s.slots, &s.gather_moves, pd)?;
+        let h = eh.scatter(&s.host_in, &s.slots, &s.cache, &s.scatter_moves, ph)?;
+        let (mut dg, mut dh) = (None, None);
+        while dg.is_none() || dh.is_none() {
+            if dg.is_none() && g.is_done() {
+                dg = Some(t.elapsed().as_secs_f64());
+            }
+            if dh.is_none() && h.is_done() {
+                dh = Some(t.elapsed().as_secs_f64());
+            }
+        }
+        g.wait()?;
+        h.wait()?;
+        let all = t.elapsed().as_secs_f64();
+        if i >= 2 {
+            tot.push(all);
+            td.push(dg.unwrap_or(all));
+            th.push(dh.unwrap_or(all));
+        }
+    }
+    let b = s.bytes as f64 / 1e9;
+    Ok((2.0 * b / median(tot), b / median(td), b / median(th)))
+}
+
+/// Variants of the kernel and mixes of paths, both directions at once (printed only).
+fn explore(engine: &Engine, rng: &mut StdRng) -> Result<()> {
+    let mk = |l2: u32, unroll: u32| {
+        Engine::new(EngineConfig {
+            l2_prefetch: l2,
+            unroll,
+            ..EngineConfig::default()
+        })
+    };
+    let l2_128 = mk(128, 4)?;
+    let l2_256 = mk(256, 4)?;
+    let unroll8 = mk(0, 8)?;
+    let unroll2 = mk(0, 2)?;
+    let reps = 7;
+    println!();
+    println!(
+        "{:<10} {:<22} | {:>7} {:>7} | {:>7} {:>7} {:>7}",
+        "shape", "variant", "d2h", "h2d", "bidir", "bi d2h", "bi h2d"
+    );
+    let shapes: Vec<(&str, usize, PageShape, u32)> = vec![
+        (
+            "4k",
+            8,
+            PageShape {
+                num_heads: 1,
+                tokens_per_block: 8,
+                entry_bytes: 512,
+            },
+            4096,
+        ),
+        (
+            "64k",
+            8,
+            PageShape {
+                num_heads: 1,
+                tokens_per_block: 128,
+                entry_bytes: 512,
+            },
+            256,
+        ),
+        (
+            "256k",
+            8,
+            PageShape {
+                num_heads: 1,
+                tokens_per_block: 512,
+                entry_bytes: 512,
+            },
+            64,
+        ),
+        (
+            "1m",
+            8,
+            PageShape {
+                num_heads: 1,
+                tokens_per_block: 2048,
+                entry_bytes: 512,
+            },
+            16,
+        ),
+        (
+            "llama70b8",
+            80,
+            PageShape {
+                num_heads: 1,
+                tokens_per_block: 16,
+                entry_bytes: 512,
+            },
+            200,
+        ),
+        (
+            "llama8b",
+            32,
+            PageShape {
+                num_heads: 8,
+                tokens_per_block: 16,
+                entry_bytes: 512,
+            },
+            64,
+        ),
+    ];
+    for (name, layers, shape, n) in shapes {
+        let mut s = setup(
+            engine,
+            rng,
+            layers,
+            shape,
+            n,
+            KvLayout::Lbnhc,
+            KvLayout::Lbnhc,
+        )?;
+        let variants: Vec<(&str, &Engine, CopyPath, &Engine, CopyPath)> = vec![
+            ("kernel", engine, CopyPath::Kernel, engine, CopyPath::Kernel),
+            (
+                "kernel l2 128B",
+                &l2_128,
+                CopyPath::Kernel,
+                &l2_128,
+                CopyPath::Kernel,
+            ),
+            (
+                "kernel l2 256B",
+                &l2_256,
+                CopyPath::Kernel,
+                &l2_256,
+                CopyPath::Kernel,
+            ),
+            (
+                "kernel unroll 8",
+                &unroll8,
+                CopyPath::Kernel,
+                &unroll8,
+                CopyPath::Kernel,
+            ),
+            (
+                "kernel unroll 2",
+                &unroll2,
+                CopyPath::Kernel,
+                &unroll2,
+                CopyPath::Kernel,
+            ),
+            ("staged", engine, CopyPath::Staged, engine, CopyPath::Staged),
+            (
+                "staged> kernel<",
+                engine,
+                CopyPath::Staged,
+                engine,
+                CopyPath::Kernel,
+            ),
+            (
+                "kernel> staged<",
+                engine,
+                CopyPath::Kernel,
+                engine,
+                CopyPath::Staged,
+            ),
+            ("bulk", engine, CopyPath::Bulk, engine, CopyPath::Bulk),
+            (
+                "bulk> kernel<",
+                engine,
+                CopyPath::Bulk,
+                engine,
+                CopyPath::Kernel,
+            ),
+            (
+                "kernel> bulk<",
+                engine,
+                CopyPath::Kernel,
+                engine,
+                CopyPath::Bulk,
+            ),
+            (
+                "kernel> dma<",
+                engine,
+                CopyPath::Kernel,
+                engine,
+                CopyPath::Dma,
+            ),
+            (
+                "dma> kernel<",
+                engine,
+                CopyPath::Dma,
+                engine,
+                CopyPath::Kernel,
+            ),
+            ("batch", engine, CopyPath::Batch, engine, CopyPath::Batch),
+            ("dma", engine, CopyPath::Dma, engine, CopyPath::Dma),
+        ];
+        for (label, ed, pd, eh, ph) in variants {
+            let d = measure(ed, &mut s, Dir::D2h, pd, reps)?;
+            let h = measure(eh, &mut s, Dir::H2d, ph, reps)?;
+            let (b, bd, bh) = measure_pair(ed, pd, eh, ph, &mut s, reps)?;
+            println!("{name:<10} {label:<22} | {d:>7.1} {h:>7.1} | {b:>7.1} {bd:>7.1} {bh:>7.1}");
+        }
+    }
+    Ok(())
 }
 
 fn torch_baseline(
@@ -358,6 +576,10 @@ fn run(a: &Args, engine: &Engine, json: &mut Map<String, Value>) -> Result<()> {
         let d2h = measure(engine, &mut s, Dir::D2h, CopyPath::Auto, reps)?;
         let h2d = measure(engine, &mut s, Dir::H2d, CopyPath::Auto, reps)?;
         let both = measure(engine, &mut s, Dir::Both, CopyPath::Auto, reps)?;
+        let kb = measure(engine, &mut s, Dir::Both, CopyPath::Kernel, reps)?;
+        let sb = measure(engine, &mut s, Dir::Both, CopyPath::Staged, reps)?;
+        let sd = measure(engine, &mut s, Dir::D2h, CopyPath::Staged, reps)?;
+        let sh = measure(engine, &mut s, Dir::H2d, CopyPath::Staged, reps)?;
         let md = measure(engine, &mut s, Dir::D2h, CopyPath::Dma, reps)?;
         let mh = measure(engine, &mut s, Dir::H2d, CopyPath::Dma, reps)?;
         let (bd, bh) = if engine.has_batch_copy() {
@@ -385,6 +607,14 @@ fn run(a: &Args, engine: &Engine, json: &mut Map<String, Value>) -> Result<()> {
             "{:<22} {:>6} | {:>7.1} {:>7.1} {:>7.1} | {:>7.1} {:>7.1} {:>7.1} {:>7.1} | {:>7.1} {:>7.1}",
             name, blocks, d2h, h2d, both, md, mh, bd, bh, conv_d, conv_h
         );
+        println!(
+            "{:<22} {:>6} | kernel bidir {kb:.1}; staged d2h {sd:.1} h2d {sh:.1} bidir {sb:.1}",
+            "", ""
+        );
+        put(json, format!("{name}_kernel_bidir_gbps"), kb);
+        put(json, format!("{name}_staged_d2h_gbps"), sd);
+        put(json, format!("{name}_staged_h2d_gbps"), sh);
+        put(json, format!("{name}_staged_bidir_gbps"), sb);
         put(json, format!("{name}_d2h_gbps"), d2h);
         put(json, format!("{name}_h2d_gbps"), h2d);
         put(json, format!("{name}_bidir_gbps"), both);
@@ -438,6 +668,10 @@ fn run(a: &Args, engine: &Engine, json: &mut Map<String, Value>) -> Result<()> {
                 put(json, format!("ctas{ctas}_bidir_gbps_{name}"), b);
             }
         }
+    }
+
+    if a.explore {
+        explore(engine, &mut rng)?;
     }
 
     if a.torch {

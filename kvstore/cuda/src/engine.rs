@@ -29,8 +29,10 @@ use crate::layout::{validate_moves, BlockMove, CacheSpec, SlotSpec};
 
 const KERNEL_SOURCE: &str = include_str!("kernels.cu");
 const KERNEL_NAME: &std::ffi::CStr = c"kvmesh_copy_pages";
-/// Vectors each thread keeps in flight (UNROLL in kernels.cu).
-const UNROLL: u64 = 4;
+const BULK_KERNEL_NAME: &std::ffi::CStr = c"kvmesh_copy_pages_bulk";
+/// Bytes one block of the bulk kernel moves at a time (BULK_CHUNK in kernels.cu).
+const BULK_CHUNK: u64 = 16384;
+const BULK_THREADS: u32 = 256;
 
 /// How a transfer moves its pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,6 +46,15 @@ pub enum CopyPath {
     Dma,
     /// One `cuMemcpyBatchAsync` for all pages (needs a CUDA 12.8+ driver).
     Batch,
+    /// A kernel whose host-side accesses go through Hopper's bulk copy engine (sm_90+), in
+    /// 16 KiB pieces; no layout conversion.
+    Bulk,
+    /// The copy kernel gathers pages GPU-to-GPU into a staging buffer in slot order, then one DMA
+    /// per slot (one block of every layer, contiguous in host memory; runs of adjacent slots
+    /// merged) moves them to the host, and the reverse for scatters. The DMA engines' large PCIe
+    /// transactions leave room for the other direction, so gathers and scatters at once go
+    /// faster than with the kernel alone, when slots are large enough for DMA to pay.
+    Staged,
 }
 
 /// Engine settings.
@@ -58,6 +69,16 @@ pub struct EngineConfig {
     pub max_ctas: u32,
     /// Threads per block of the copy kernel (a multiple of 32, at most 512). Default 512.
     pub threads: u32,
+    /// 16-byte loads each thread of the copy kernel keeps in flight (1 to 16). Default 4.
+    pub unroll: u32,
+    /// L2 prefetch size hint on the copy kernel's loads: 0 (none), 128 or 256 bytes. Default 0.
+    pub l2_prefetch: u32,
+    /// Under [`CopyPath::Auto`], transfers whose slots (one block of every layer) are at least
+    /// this many bytes go [`CopyPath::Staged`]. Default 1 MiB.
+    pub staged_threshold: u64,
+    /// GPU memory each direction may use for [`CopyPath::Staged`], allocated on first use;
+    /// larger transfers go through it in pieces. Default 64 MiB.
+    pub staging_bytes: u64,
 }
 
 impl Default for EngineConfig {
@@ -67,6 +88,10 @@ impl Default for EngineConfig {
             dma_threshold: 2 << 20,
             max_ctas: 0,
             threads: 512,
+            unroll: 4,
+            l2_prefetch: 0,
+            staged_threshold: 1 << 20,
+            staging_bytes: 64 << 20,
         }
     }
 }
@@ -175,6 +200,8 @@ struct LaneState {
     dsts: Vec<u64>,
     srcs: Vec<u64>,
     sizes: Vec<usize>,
+    stage: Option<DeviceBuffer>,
+    stage_moves: Vec<BlockMove>,
 }
 
 /// One direction: a stream and the scratch its submissions reuse.
@@ -189,6 +216,7 @@ pub struct Engine {
     h2d: Lane,
     module: sys::CUmodule,
     function: sys::CUfunction,
+    bulk_function: Option<sys::CUfunction>,
     batch: Option<BatchApi>,
     config: EngineConfig,
     ctas: u32,
@@ -240,6 +268,8 @@ impl Lane {
                 dsts: Vec::new(),
                 srcs: Vec::new(),
                 sizes: Vec::new(),
+                stage: None,
+                stage_moves: Vec::new(),
             }),
         })
     }
@@ -248,14 +278,28 @@ impl Lane {
 impl Engine {
     /// Opens the device, compiles the copy kernel with NVRTC and creates the streams.
     pub fn new(config: EngineConfig) -> Result<Engine> {
-        if config.threads == 0 || config.threads % 32 != 0 || config.threads > 512 {
+        if config.threads == 0 || !config.threads.is_multiple_of(32) || config.threads > 512 {
             return Err(CudaError::InvalidLayout {
                 reason: format!("{} threads per block", config.threads),
             });
         }
+        if config.unroll == 0 || config.unroll > 16 || ![0, 128, 256].contains(&config.l2_prefetch)
+        {
+            return Err(CudaError::InvalidLayout {
+                reason: format!(
+                    "unroll {} / l2_prefetch {} (1..=16 / 0, 128 or 256)",
+                    config.unroll, config.l2_prefetch
+                ),
+            });
+        }
         let device = Device::open(config.device)?;
         let (major, minor) = device.compute_capability()?;
-        let ptx = crate::nvrtc::compile_ptx(KERNEL_SOURCE, "kvmesh_kernels.cu", major, minor)?;
+        let defines = [
+            format!("-DUNROLL={}", config.unroll),
+            format!("-DKVMESH_L2_HINT={}", config.l2_prefetch),
+        ];
+        let ptx =
+            crate::nvrtc::compile_ptx(KERNEL_SOURCE, "kvmesh_kernels.cu", major, minor, &defines)?;
         device.bind()?;
         let mut module = std::ptr::null_mut();
         // SAFETY: `ptx` is NUL-terminated PTX; the module is unloaded in Drop.
@@ -272,6 +316,16 @@ impl Engine {
             unsafe { sys::cuModuleUnload(module) };
             return Err(e);
         }
+        let mut bulk_function = None;
+        if major >= 9 {
+            let mut f = std::ptr::null_mut();
+            // SAFETY: the module is loaded and the name NUL-terminated.
+            if unsafe { sys::cuModuleGetFunction(&mut f, module, BULK_KERNEL_NAME.as_ptr()) }
+                == sys::CUresult::CUDA_SUCCESS
+            {
+                bulk_function = Some(f);
+            }
+        }
         let sms = device.multiprocessors()?;
         let ctas = if config.max_ctas == 0 {
             sms
@@ -283,6 +337,7 @@ impl Engine {
             h2d: Lane::new(&device)?,
             module,
             function,
+            bulk_function,
             batch: load_batch_api(),
             config,
             ctas,
@@ -298,6 +353,11 @@ impl Engine {
     /// The settings in force.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// Whether [`CopyPath::Bulk`] is available (a Hopper or newer GPU).
+    pub fn has_bulk_copy(&self) -> bool {
+        self.bulk_function.is_some()
     }
 
     /// Whether [`CopyPath::Batch`] is available (driver 12.8 or newer).
@@ -430,36 +490,60 @@ impl Engine {
         self.device.bind()?;
         let page = spec.shape.page_bytes();
         let transpose = spec.layout != slots.layout;
-        let aligned = page % 16 == 0
-            && spec.block_stride % 16 == 0
-            && slots.slot_stride % 16 == 0
-            && host_addr % 16 == 0
-            && spec.layers.iter().all(|&b| b % 16 == 0)
-            && (!transpose || spec.shape.entry_bytes % 16 == 0);
+        let gpu_aligned = page.is_multiple_of(16)
+            && spec.block_stride.is_multiple_of(16)
+            && spec.layers.iter().all(|&b| b.is_multiple_of(16))
+            && (!transpose || spec.shape.entry_bytes.is_multiple_of(16));
+        let aligned =
+            gpu_aligned && slots.slot_stride.is_multiple_of(16) && host_addr.is_multiple_of(16);
+        let slot_bytes = spec.layers.len() as u64 * page;
         let path = match path {
-            CopyPath::Auto if transpose || (page < self.config.dma_threshold && aligned) => {
-                CopyPath::Kernel
+            CopyPath::Auto if !transpose && (page >= self.config.dma_threshold || !aligned) => {
+                CopyPath::Dma
             }
-            CopyPath::Auto => CopyPath::Dma,
+            CopyPath::Auto if gpu_aligned && slot_bytes >= self.config.staged_threshold => {
+                CopyPath::Staged
+            }
+            CopyPath::Auto => CopyPath::Kernel,
             p => p,
         };
-        if transpose && path != CopyPath::Kernel {
+        if transpose && !matches!(path, CopyPath::Kernel | CopyPath::Staged) {
             return Err(CudaError::InvalidLayout {
-                reason: "converting between LBNHC and LBHNC needs the kernel path".into(),
+                reason: "converting between LBNHC and LBHNC needs the kernel or staged path".into(),
             });
         }
-        if path == CopyPath::Kernel && !aligned {
+        if path == CopyPath::Staged && !gpu_aligned {
+            return Err(CudaError::InvalidLayout {
+                reason: "the staged path needs 16-byte aligned pages, strides and rows".into(),
+            });
+        }
+        if path == CopyPath::Bulk && self.bulk_function.is_none() {
+            return Err(CudaError::InvalidLayout {
+                reason: "the bulk path needs a Hopper (sm_90) or newer GPU".into(),
+            });
+        }
+        if matches!(path, CopyPath::Kernel | CopyPath::Bulk) && !aligned {
             return Err(CudaError::InvalidLayout {
                 reason: "the kernel path needs 16-byte aligned pages, strides and rows".into(),
             });
         }
         if !moves.is_empty() {
             let queued = match path {
-                CopyPath::Kernel => {
-                    self.launch_kernel(lane, &mut st, spec, host_addr, slots, moves, to_host)
-                }
+                CopyPath::Kernel | CopyPath::Bulk => self.launch_kernel(
+                    lane,
+                    &mut st,
+                    spec,
+                    host_addr,
+                    slots,
+                    moves,
+                    to_host,
+                    path == CopyPath::Bulk,
+                ),
                 CopyPath::Batch => {
                     self.batch_copy(lane, &mut st, spec, host_addr, slots, moves, to_host)
+                }
+                CopyPath::Staged => {
+                    self.staged_copy(lane, &mut st, spec, host_addr, slots, moves, to_host)
                 }
                 _ => self.dma_copy(lane, spec, host_addr, slots, moves, to_host),
             };
@@ -503,11 +587,13 @@ impl Engine {
         slots: &SlotSpec,
         moves: &[BlockMove],
         to_host: bool,
+        bulk: bool,
     ) -> Result<()> {
         let layers = spec.layers.len();
         let page = spec.shape.page_bytes();
         let total_vecs = moves.len() as u64 * layers as u64 * (page / 16);
-        let limit = (1u64 << 31) - UNROLL * self.ctas as u64 * self.config.threads as u64;
+        let limit = (1u64 << 31)
+            - self.config.unroll as u64 * self.ctas as u64 * self.config.threads as u64;
         if total_vecs >= limit {
             return Err(CudaError::TooLarge {
                 bytes: total_vecs * 16,
@@ -586,18 +672,27 @@ impl Engine {
             total_vecs: total_vecs as u32,
             pad: 0,
         };
-        let per_cta = UNROLL * self.config.threads as u64;
-        let grid = total_vecs.div_ceil(per_cta).clamp(1, self.ctas as u64) as u32;
+        let (function, threads, grid) = match (bulk, self.bulk_function) {
+            (true, Some(f)) => {
+                let chunks = moves.len() as u64 * layers as u64 * page.div_ceil(BULK_CHUNK);
+                (f, BULK_THREADS, chunks.clamp(1, self.ctas as u64) as u32)
+            }
+            _ => {
+                let per_cta = self.config.unroll as u64 * self.config.threads as u64;
+                let grid = total_vecs.div_ceil(per_cta).clamp(1, self.ctas as u64) as u32;
+                (self.function, self.config.threads, grid)
+            }
+        };
         let mut args = [&mut params as *mut KernelParams as *mut c_void];
         // SAFETY: the kernel takes one KernelParams by value; every address in it was validated
         // (cache ranges at registration, slots against the host buffer, moves against both).
         check("cuLaunchKernel", unsafe {
             sys::cuLaunchKernel(
-                self.function,
+                function,
                 grid,
                 1,
                 1,
-                self.config.threads,
+                threads,
                 1,
                 1,
                 0,
@@ -606,6 +701,126 @@ impl Engine {
                 std::ptr::null_mut(),
             )
         })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn staged_copy(
+        &self,
+        lane: &Lane,
+        st: &mut LaneState,
+        spec: &CacheSpec,
+        host_addr: u64,
+        slots: &SlotSpec,
+        moves: &[BlockMove],
+        to_host: bool,
+    ) -> Result<()> {
+        let slot_bytes = spec.layers.len() as u64 * spec.shape.page_bytes();
+        let per_chunk = (self.config.staging_bytes / slot_bytes).clamp(1, u32::MAX as u64) as usize;
+        let want = per_chunk.min(moves.len()) as u64 * slot_bytes;
+        if st.stage.as_ref().is_none_or(|b| (b.len() as u64) < want) {
+            // The old buffer may still be in use by queued work.
+            // SAFETY: our stream.
+            check("cuStreamSynchronize", unsafe {
+                sys::cuStreamSynchronize(lane.stream)
+            })?;
+            st.stage = None;
+            st.stage = Some(DeviceBuffer::alloc(&self.device, want as usize)?);
+        }
+        let stage = match &st.stage {
+            Some(b) => b.ptr(),
+            None => unreachable!("allocated just above"),
+        };
+        let stage_slots = SlotSpec {
+            num_slots: per_chunk as u32,
+            slot_stride: slot_bytes,
+            layout: slots.layout,
+        };
+        let mut local = std::mem::take(&mut st.stage_moves);
+        let mut result = Ok(());
+        for chunk in moves.chunks(per_chunk) {
+            local.clear();
+            local.extend(chunk.iter().enumerate().map(|(i, m)| BlockMove {
+                block: m.block,
+                slot: i as u32,
+            }));
+            result = if to_host {
+                self.launch_kernel(lane, st, spec, stage, &stage_slots, &local, true, false)
+                    .and_then(|_| {
+                        self.slot_dmas(lane, stage, host_addr, slots, slot_bytes, chunk, true)
+                    })
+            } else {
+                self.slot_dmas(lane, stage, host_addr, slots, slot_bytes, chunk, false)
+                    .and_then(|_| {
+                        self.launch_kernel(
+                            lane,
+                            st,
+                            spec,
+                            stage,
+                            &stage_slots,
+                            &local,
+                            false,
+                            false,
+                        )
+                    })
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        st.stage_moves = local;
+        result
+    }
+
+    /// One DMA per slot between the staging buffer (slot `i` of `chunk` at `i * slot_bytes`) and
+    /// the host slots, merging runs of consecutive slots when slots are packed.
+    #[allow(clippy::too_many_arguments)]
+    fn slot_dmas(
+        &self,
+        lane: &Lane,
+        stage: u64,
+        host_addr: u64,
+        slots: &SlotSpec,
+        slot_bytes: u64,
+        chunk: &[BlockMove],
+        to_host: bool,
+    ) -> Result<()> {
+        let packed = slots.slot_stride == slot_bytes;
+        let mut i = 0;
+        while i < chunk.len() {
+            let mut j = i + 1;
+            while packed && j < chunk.len() && chunk[j].slot == chunk[j - 1].slot + 1 {
+                j += 1;
+            }
+            let bytes = (j - i) as u64 * slot_bytes;
+            let host = host_addr + chunk[i].slot as u64 * slots.slot_stride;
+            let dev = stage + i as u64 * slot_bytes;
+            // SAFETY: the host range lies in the validated slots, the device range in staging.
+            unsafe {
+                if to_host {
+                    check(
+                        "cuMemcpyDtoHAsync",
+                        sys::cuMemcpyDtoHAsync_v2(
+                            host as *mut c_void,
+                            dev,
+                            bytes as usize,
+                            lane.stream,
+                        ),
+                    )?;
+                } else {
+                    check(
+                        "cuMemcpyHtoDAsync",
+                        sys::cuMemcpyHtoDAsync_v2(
+                            dev,
+                            host as *const c_void,
+                            bytes as usize,
+                            lane.stream,
+                        ),
+                    )?;
+                }
+            }
+            i = j;
+        }
+        Ok(())
     }
 
     fn dma_copy(

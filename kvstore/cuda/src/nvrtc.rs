@@ -77,7 +77,13 @@ fn sym<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T> {
 }
 
 /// Compiles `source` to PTX for compute capability `major.minor`.
-pub(crate) fn compile_ptx(source: &str, name: &str, major: i32, minor: i32) -> Result<CString> {
+pub(crate) fn compile_ptx(
+    source: &str,
+    name: &str,
+    major: i32,
+    minor: i32,
+    defines: &[String],
+) -> Result<CString> {
     let lib = load()?;
     let create: CreateFn = sym(&lib, "nvrtcCreateProgram")?;
     let compile: CompileFn = sym(&lib, "nvrtcCompileProgram")?;
@@ -118,11 +124,16 @@ pub(crate) fn compile_ptx(source: &str, name: &str, major: i32, minor: i32) -> R
     }
     let arch = CString::new(format!("--gpu-architecture=compute_{major}{minor}"))
         .expect("no NUL in a formatted number");
-    let opts = [
+    let defines: Vec<CString> = defines
+        .iter()
+        .filter_map(|d| CString::new(d.as_str()).ok())
+        .collect();
+    let mut opts = vec![
         arch.as_ptr(),
         c"--std=c++14".as_ptr(),
         c"-lineinfo".as_ptr(),
     ];
+    opts.extend(defines.iter().map(|d| d.as_ptr()));
     // SAFETY: `prog` is a live program and `opts` holds NUL-terminated strings.
     let rc = unsafe { compile(prog, opts.len() as c_int, opts.as_ptr()) };
     let result = if rc != 0 {
