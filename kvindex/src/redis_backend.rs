@@ -19,6 +19,7 @@
 //! | `P:specs`      | hash   | engine id → encoded spec (`<dp_rank>:<pod length>:<pod><model>`)  |
 //! | `P:bs`         | hash   | engine id → tokens per block, learned from its first stored event |
 //! | `P:gen`        | string | generation, incremented whenever `P:specs` or `P:bs` change       |
+//! | `P:applied`    | hash   | engine id → sequence number of the last batch applied             |
 //! | `P:a:<a>`      | string | engine block hash → block key (the alias)                         |
 //! | `P:b:<k>`      | hash   | field `<id>:<tier>` → reference count (field deleted at 0)        |
 //! | `P:e:<id>`     | set    | the block keys engine `<id>` holds on any tier (for clear/remove) |
@@ -354,6 +355,7 @@ struct Names {
     specs: String,
     bs: String,
     gen: String,
+    applied: String,
 }
 
 impl Names {
@@ -364,6 +366,7 @@ impl Names {
             specs: format!("{prefix}:specs"),
             bs: format!("{prefix}:bs"),
             gen: format!("{prefix}:gen"),
+            applied: format!("{prefix}:applied"),
         }
     }
 
@@ -1039,9 +1042,44 @@ impl IndexBackend for RedisIndex {
             return Err(unknown(id));
         }
         self.purge(&mut w, id, false)?;
+        self.call(&mut w.conn, |c| {
+            redis::cmd("HDEL")
+                .arg(&self.names.applied)
+                .arg(id.0)
+                .query::<i64>(c)
+        })
+        .map_err(|e| map_err(e, None))?;
         drop(w);
         self.refresh_engines()?;
         Ok(())
+    }
+
+    /// Applies the batch, then records its sequence number on the server, so that an ingester
+    /// that restarts (this replica or another) resumes the engine's stream after it.
+    fn apply_at(&self, id: EngineId, seq: u64, batch: &EventBatch) -> Result<ApplyReport> {
+        let report = self.apply(id, batch)?;
+        let mut w = self.writer.lock();
+        self.call(&mut w.conn, |c| {
+            redis::cmd("HSET")
+                .arg(&self.names.applied)
+                .arg(id.0)
+                .arg(seq)
+                .query::<i64>(c)
+        })
+        .map_err(|e| map_err(e, Some(id)))?;
+        Ok(report)
+    }
+
+    fn applied_seq(&self, id: EngineId) -> Option<u64> {
+        let mut w = self.writer.lock();
+        self.call(&mut w.conn, |c| {
+            redis::cmd("HGET")
+                .arg(&self.names.applied)
+                .arg(id.0)
+                .query::<Option<u64>>(c)
+        })
+        .ok()
+        .flatten()
     }
 
     fn clear_engine(&self, id: EngineId) -> Result<()> {

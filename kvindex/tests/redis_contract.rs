@@ -38,6 +38,27 @@ mod redis {
     }
 
     #[test]
+    fn applied_sequence_numbers_are_shared_and_forgotten_with_the_engine() {
+        let server = common::RedisServer::start();
+        let (r1, r2) = (connect(&server.url(), "seq"), connect(&server.url(), "seq"));
+        let a = r1.add_engine(spec("a")).unwrap();
+        assert_eq!(r1.applied_seq(a), None);
+        r1.apply_at(a, 7, &batch(vec![stored(&[1], None, toks(0, 16), 16)]))
+            .unwrap();
+        r1.apply_at(a, 8, &batch(vec![stored(&[2], Some(1), toks(16, 32), 16)]))
+            .unwrap();
+        // Another replica (an ingester taking over after a restart) resumes after batch 8.
+        assert_eq!(r2.applied_seq(a), Some(8));
+        assert_eq!(
+            by_tokens(&r2, &Namespace::model("m"), &toks(0, 32))[0].matched_blocks,
+            2
+        );
+        r2.remove_engine(a).unwrap();
+        let a = r1.add_engine(spec("a")).unwrap();
+        assert_eq!(r1.applied_seq(a), None, "a new registration starts afresh");
+    }
+
+    #[test]
     fn prefixes_are_separate_indexes() {
         let server = common::RedisServer::start();
         let (x, y) = (connect(&server.url(), "x"), connect(&server.url(), "y"));
