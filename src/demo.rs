@@ -2,8 +2,8 @@
 //!
 //! Each simulated engine is an LRU prefix cache of fixed capacity that publishes genuine vLLM KV
 //! events (msgpack batches, sequence numbers, a replay socket) over real ZMQ sockets on loopback.
-//! kvindex subscribes to all of them, and every request of the trace goes to the engine the index
-//! scores best (the longest cached prefix; ties and overloaded engines settled by load). The same
+//! A `kvmesh serve` daemon, started in this process, subscribes to all of them, and every request
+//! of the trace goes to the engine the daemon (asked over its HTTP API) scores best (the longest cached prefix; ties and overloaded engines settled by load). The same
 //! trace then runs with round-robin and random routing on fresh engines, and the cluster hit rates
 //! are compared.
 
@@ -13,12 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kvindex::ingest::{EngineEndpoint, IngestConfig, Ingestor};
 use kvindex::publish::{EventPublisher, PublisherConfig};
 use kvindex::trace::{
     default_engine_hash, engine_hashes, load_trace, prompt_tokens, LruEngine, TraceRequest,
 };
-use kvindex::{EngineId, Index, IndexConfig, Namespace, Query, QueryBlocks, Tier};
+use kvmesh::client::{IndexClient, ScoreRequest};
+use kvmesh::serve::{Daemon, EngineConfig, ServeConfig};
 
 use crate::DemoArgs;
 
@@ -104,7 +104,7 @@ fn baseline(
 }
 
 /// Picks the engine with the longest cached prefix, unless it is overloaded.
-fn choose(scores: &HashMap<EngineId, u32>, ids: &[EngineId], load: &[u64]) -> usize {
+fn choose(scores: &HashMap<String, u32>, ids: &[String], load: &[u64]) -> usize {
     let total: u64 = load.iter().sum();
     // Prefix affinity wins unless an engine carries 50% more than its share.
     let limit = (total as f64 / ids.len() as f64) * 1.5 + 8.0;
@@ -148,12 +148,16 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     );
     let prepared = prepare(&reqs, a.block_size);
 
-    // kvmesh routing: the index and its ingestion, engines publishing over ZMQ.
+    // kvmesh routing: the daemon in this process, engines publishing over ZMQ.
     let ctx = zmq::Context::new();
-    let index = Index::new(IndexConfig::default());
-    let ingestor = Ingestor::new(Arc::new(index.clone()), IngestConfig::default());
     let mut publishers = Vec::new();
     let mut ids = Vec::new();
+    let mut config = ServeConfig {
+        listen: "127.0.0.1:0".into(),
+        grpc_listen: "off".into(),
+        model: MODEL.into(),
+        ..ServeConfig::default()
+    };
     for e in 0..a.engines {
         let name = format!("engine-{e}");
         let publ = EventPublisher::start(
@@ -165,21 +169,24 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             },
         )
         .context("starting an engine's event publisher")?;
-        let id = ingestor
-            .add(EngineEndpoint {
-                pod: name,
-                model: MODEL.into(),
-                dp_rank: 0,
-                endpoint: publ.endpoint().to_owned(),
-                replay_endpoint: publ.replay_endpoint().map(str::to_owned),
-                topic: String::new(),
-            })
-            .context("subscribing to an engine")?;
+        config.engines.push(EngineConfig {
+            name: name.clone(),
+            endpoint: publ.endpoint().to_owned(),
+            replay_endpoint: publ.replay_endpoint().map(str::to_owned),
+            model: None,
+            dp_rank: 0,
+            topic: String::new(),
+        });
         publishers.push(publ);
-        ids.push(id);
+        ids.push(name);
     }
+    let daemon = Daemon::start(config).context("starting the kvmesh daemon")?;
+    eprintln!(
+        "[demo] kvmesh serve listening on http://{} (in this process)",
+        daemon.http_addr()
+    );
+    let client = IndexClient::new(format!("http://{}", daemon.http_addr()));
     std::thread::sleep(Duration::from_millis(300));
-    let ns = Namespace::model(MODEL);
     let mut engines: Vec<LruEngine> = (0..a.engines)
         .map(|_| LruEngine::new(a.capacity, a.block_size))
         .collect();
@@ -189,18 +196,13 @@ pub fn run(a: &DemoArgs) -> Result<()> {
     let mut query_us = Vec::with_capacity(prepared.len());
     for (i, p) in prepared.iter().enumerate() {
         let t = Instant::now();
-        let matches = index.query(&Query {
-            namespace: &ns,
-            blocks: QueryBlocks::Tokens {
-                tokens: &p.tokens,
-                mm: &[],
-            },
-            engines: None,
-        });
+        let matches = client
+            .score(&ScoreRequest::tokens(MODEL, p.tokens.clone()))
+            .context("asking the daemon for scores")?;
         query_us.push(t.elapsed().as_secs_f64() * 1e6);
-        let scores: HashMap<EngineId, u32> = matches
-            .iter()
-            .map(|m| (m.engine, m.matched_blocks))
+        let scores: HashMap<String, u32> = matches
+            .into_iter()
+            .map(|m| (m.name, m.matched_blocks))
             .collect();
         let e = choose(&scores, &ids, &load);
         load[e] += 1;
@@ -216,13 +218,14 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         }
     }
     eprintln!();
-    // Let the last events arrive before reading the index's picture.
+    // Let the last events arrive before reading the daemon's picture.
+    let app = daemon.app().clone();
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(5) {
-        let held: u64 = index
-            .engine_stats()
+        let held: u64 = app
+            .engines()
             .iter()
-            .map(|s| s.blocks[Tier::Gpu as usize])
+            .map(|s| s.blocks.map_or(0, |b| b.gpu))
             .sum();
         if held as usize == engines.iter().map(LruEngine::len).sum::<usize>() {
             break;
@@ -238,11 +241,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         (rng % a.engines as u64) as usize
     });
 
-    // Report.
-    let stats = index.engine_stats();
-    let status = ingestor.status();
-    // Stop listening before the engines go away (their disconnection would clear them).
-    drop(ingestor);
+    // Report. Read the daemon's picture, then stop it before the engines go away (their
+    // disconnection would clear them).
+    let status = app.engines();
+    let st = app.index_stats();
+    drop(daemon);
     println!();
     println!("kvmesh routing, per engine");
     println!(
@@ -258,8 +261,11 @@ pub fn run(a: &DemoArgs) -> Result<()> {
         "storage"
     );
     for (e, id) in ids.iter().enumerate() {
-        let s = stats.iter().find(|s| s.id == *id);
-        let blocks = s.map(|s| s.blocks).unwrap_or_default();
+        let blocks = status
+            .iter()
+            .find(|s| &s.name == id)
+            .and_then(|s| s.blocks)
+            .unwrap_or_default();
         let rate = if tally.prompt_blocks[e] == 0 {
             0.0
         } else {
@@ -273,26 +279,25 @@ pub fn run(a: &DemoArgs) -> Result<()> {
             tally.hit_blocks[e],
             100.0 * rate,
             engines[e].len(),
-            blocks[Tier::Gpu as usize],
-            blocks[Tier::Cpu as usize],
-            blocks[Tier::Storage as usize],
+            blocks.gpu,
+            blocks.cpu,
+            blocks.storage,
         );
     }
-    let st = index.stats();
     query_us.sort_by(f64::total_cmp);
     let q = |p: f64| query_us[((query_us.len() - 1) as f64 * p) as usize];
     let events: u64 = status.iter().map(|s| s.events).sum();
     let lost: u64 = status.iter().map(|s| s.lost_batches).sum();
-    let replayed: u64 = status.iter().map(|s| s.replayed_batches).sum();
+    let replays: u64 = status.iter().map(|s| s.replays).sum();
     println!();
     println!(
-        "index: {} blocks ({} memberships) in {:.1} MiB, {:.1} bytes per block; {} events ingested ({} batches replayed, {} lost); query p50 {:.1} us, p99 {:.1} us",
+        "index: {} blocks ({} memberships) in {:.1} MiB, {:.1} bytes per block; {} events ingested ({} replays, {} batches lost); score over HTTP p50 {:.1} us, p99 {:.1} us",
         st.blocks,
         st.memberships,
         st.bytes as f64 / (1 << 20) as f64,
         st.bytes_per_block,
         events,
-        replayed,
+        replays,
         lost,
         q(0.5),
         q(0.99)

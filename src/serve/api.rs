@@ -305,6 +305,11 @@ impl App {
             .collect())
     }
 
+    /// The index's statistics (blocks, memberships, bytes, bytes per block, events).
+    pub fn index_stats(&self) -> IndexStats {
+        self.index.stats()
+    }
+
     /// Every engine: those this daemon ingests, then (with a shared index) those ingested by
     /// other replicas.
     pub fn engines(&self) -> Vec<EngineStatus> {
