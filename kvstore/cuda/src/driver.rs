@@ -404,3 +404,59 @@ impl Drop for PinnedBuffer {
         }
     }
 }
+
+/// Device memory exported by another process (`cudaIpcGetMemHandle`, or torch's
+/// `UntypedStorage._share_cuda_()`), mapped into this one; unmapped on drop.
+#[derive(Debug)]
+pub struct IpcMemory {
+    device: Arc<Device>,
+    ptr: u64,
+}
+
+impl IpcMemory {
+    /// Opens a 64-byte CUDA IPC memory handle. The exporting process must keep the memory
+    /// allocated until this value is dropped.
+    pub fn open(device: &Arc<Device>, handle: &[u8]) -> Result<IpcMemory> {
+        let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+        if handle.len() != h.reserved.len() {
+            return Err(CudaError::InvalidPointer {
+                what: "IPC handle",
+                ptr: 0,
+                reason: format!("{} bytes, not 64", handle.len()),
+            });
+        }
+        for (d, &s) in h.reserved.iter_mut().zip(handle) {
+            *d = s as std::ffi::c_char;
+        }
+        device.bind()?;
+        let mut ptr = 0u64;
+        // SAFETY: valid out-pointer; the driver validates the handle.
+        check("cuIpcOpenMemHandle", unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        })?;
+        Ok(IpcMemory {
+            device: device.clone(),
+            ptr,
+        })
+    }
+
+    /// The mapped base address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for IpcMemory {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // SAFETY: opened in `open`, closed once.
+            unsafe {
+                sys::cuIpcCloseMemHandle(self.ptr);
+            }
+        }
+    }
+}

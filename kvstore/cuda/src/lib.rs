@@ -34,7 +34,7 @@ mod error;
 pub mod layout;
 mod nvrtc;
 
-pub use driver::{driver_present, Device, DeviceBuffer, PinnedBuffer};
+pub use driver::{driver_present, Device, DeviceBuffer, IpcMemory, PinnedBuffer};
 pub use engine::{CopyPath, Engine, EngineConfig, KvCache, Transfer};
 pub use error::{CudaError, ErrorKind, Result};
 pub use layout::{BlockMove, CacheSpec, KvLayout, PageShape, SlotSpec};
