@@ -108,20 +108,23 @@ fn torn_payloads_and_headers_are_detected_never_returned() {
             t.put(BlockKey(k), &content(BlockKey(k), BB)).unwrap();
         }
     }
-    // Slots fill from 0 upwards: key 2 is slot 0, key 3 slot 1, key 4 slot 2.
-    let data = std::fs::OpenOptions::new()
-        .write(true)
-        .open(d.path().join("kvstore.dat"))
-        .unwrap();
-    data.write_all_at(&[0xAB; 100], 5000).unwrap(); // tear key 2's payload
+    // Slots fill from 0 upwards: key 2 is slot 0, key 3 slot 1, key 4 slot 2, key 5 slot 3;
+    // with 8 stripes, slot i is at the start of file i.
+    let data_file = |i: usize| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join(kvstore::disk::data_file_name(i)))
+            .unwrap()
+    };
+    data_file(0).write_all_at(&[0xAB; 100], 5000).unwrap(); // tear key 2's payload
     let hdr = std::fs::OpenOptions::new()
         .write(true)
         .open(d.path().join("kvstore.hdr"))
         .unwrap();
     hdr.write_all_at(&[0x5A; 20], 4096 + 64 + 10).unwrap(); // garble key 3's header
                                                             // Truncated data file (a block cut short): key 5, slot 3 is cut in half.
-    data.set_len((3 * BB + BB / 2) as u64).unwrap();
-    drop((data, hdr));
+    data_file(3).set_len((BB / 2) as u64).unwrap();
+    drop(hdr);
     let t = DiskTier::open(&cfg(d.path(), 8)).unwrap();
     assert_eq!(t.recovery().bad_headers, 1);
     assert!(!t.contains(BlockKey(3)));
@@ -289,7 +292,9 @@ fn full_disk_gives_a_clear_error_and_loses_nothing() {
             other.err()
         ),
     }
-    let _ = std::fs::remove_file(fs.path().join("kvstore.dat"));
+    for i in 0..8 {
+        let _ = std::fs::remove_file(fs.path().join(kvstore::disk::data_file_name(i)));
+    }
     c.preallocate = false;
     let t = DiskTier::open(&c).unwrap();
     let (stored, err) = fill_until_full(&t);
@@ -389,9 +394,9 @@ fn read_only_directory_serves_reads_and_refuses_writes() {
         use std::os::unix::fs::PermissionsExt;
         let d = Scratch::new("ro");
         write(d.path());
-        for f in ["kvstore.dat", "kvstore.hdr"] {
-            std::fs::set_permissions(d.path().join(f), std::fs::Permissions::from_mode(0o444))
-                .unwrap();
+        for f in std::fs::read_dir(d.path()).unwrap() {
+            let p = f.unwrap().path();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o444)).unwrap();
         }
         std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
         check(d.path());
