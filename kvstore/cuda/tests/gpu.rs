@@ -27,6 +27,7 @@ fn main() {
         ("both_directions_at_once", both_directions),
         ("staged_in_several_pieces", staged_pieces),
         ("torch_made_caches_over_ipc", torch_caches),
+        ("registered_host_memory_and_stream_order", registered_host),
         ("bad_pointers_are_errors", bad_pointers),
         ("bad_moves_are_errors_and_write_nothing", bad_moves),
         ("out_of_memory_is_an_error", out_of_memory),
@@ -941,4 +942,57 @@ fn torch_caches(engine: &Engine, rng: &mut StdRng) -> Result<(), String> {
         println!("  torch checked {what}");
     }
     Ok(())
+}
+
+/// A host tier's own memory (page-aligned, allocated by Rust) registered with the driver and
+/// used as slots by every path; the engine's streams ordered after the legacy default stream,
+/// and that stream made to wait for a transfer.
+fn registered_host(engine: &Engine, rng: &mut StdRng) -> Result<(), String> {
+    let shape = PageShape {
+        num_heads: 8,
+        tokens_per_block: 16,
+        entry_bytes: 256,
+    };
+    let c = make_cache(engine, 6, 128, shape, KvLayout::Lbnhc, false)?;
+    let mut fill = vec![0u8; c.buf.len()];
+    rng.fill_bytes(&mut fill);
+    c.buf.write(0, &fill).map_err(|e| e.to_string())?;
+    let slots = SlotSpec::packed(c.cache.spec(), 48, KvLayout::Lbnhc);
+    let layout = std::alloc::Layout::from_size_align(slots.bytes() as usize, 4096)
+        .map_err(|e| e.to_string())?;
+    // SAFETY: non-zero size; freed below after the registration is dropped.
+    let raw = unsafe { std::alloc::alloc(layout) };
+    if raw.is_null() {
+        return Err("host allocation failed".into());
+    }
+    let result = (|| -> Result<(), String> {
+        // SAFETY: `raw` is valid for `slots.bytes()` bytes and outlives `host` (dropped at the
+        // end of this closure, before the memory is freed); nothing else touches it.
+        let mut host =
+            unsafe { PinnedBuffer::register(engine.device(), raw, slots.bytes() as usize) }
+                .map_err(|e| format!("register: {e}"))?;
+        let images = c.layer_images()?;
+        let refs: Vec<&[u8]> = images.iter().map(|v| v.as_slice()).collect();
+        for path in [CopyPath::Kernel, CopyPath::Staged, CopyPath::Dma] {
+            host.as_mut_slice().fill(HOST_POISON);
+            let moves = random_moves(rng, 128, 48, 40);
+            // SAFETY: null is the legacy default stream of the current (primary) context.
+            unsafe { engine.order_after(std::ptr::null_mut()) }.map_err(|e| e.to_string())?;
+            let t = engine
+                .gather(&c.cache, &mut host, &slots, &moves, path)
+                .map_err(|e| format!("{path:?}: {e}"))?;
+            // SAFETY: as above.
+            unsafe { t.make_stream_wait(std::ptr::null_mut()) }.map_err(|e| e.to_string())?;
+            t.wait().map_err(|e| format!("{path:?}: {e}"))?;
+            let mut expect = vec![HOST_POISON; slots.bytes() as usize];
+            gather_on_cpu(c.cache.spec(), &refs, &slots, &mut expect, &moves);
+            if let Some(i) = first_difference(host.as_slice(), &expect) {
+                return Err(format!("{path:?}: registered slots differ at byte {i}"));
+            }
+        }
+        engine.device().synchronize().map_err(|e| e.to_string())
+    })();
+    // SAFETY: allocated above with this layout; the registration was dropped in the closure.
+    unsafe { std::alloc::dealloc(raw, layout) };
+    result
 }
