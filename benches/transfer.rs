@@ -47,7 +47,9 @@ fn machine() -> String {
 
 /// The target process: an agent with one registered buffer, until stdin closes.
 fn peer() {
-    let a = Agent::new(AgentConfig::new("bench-target")).expect("agent");
+    let mut c = AgentConfig::new("bench-target");
+    c.ucx = true;
+    let a = Agent::new(c).expect("agent");
     let buf = HostBuffer::new(SIZE as usize).expect("buffer");
     a.register(&buf).expect("register");
     println!("ADDR {}", a.listen_addr());
@@ -175,6 +177,9 @@ fn main() {
     let reps = if quick { 7 } else { 21 };
     let t0 = Instant::now();
     let env = tool_env();
+    for (k, v) in &env {
+        std::env::set_var(k, v);
+    }
 
     let mut child = Command::new(std::env::current_exe().expect("exe"))
         .env("KVTRANSFER_BENCH_PEER", "1")
@@ -195,7 +200,9 @@ fn main() {
     }
     let (addr, rbase) = (addr.expect("ADDR"), base.expect("BASE"));
 
-    let a = Agent::new(AgentConfig::new("bench-initiator")).expect("agent");
+    let mut c = AgentConfig::new("bench-initiator");
+    c.ucx = true;
+    let a = Agent::new(c).expect("agent");
     let buf = HostBuffer::new(SIZE as usize).expect("buffer");
     buf.fill(7);
     a.register(&buf).expect("register");
@@ -292,6 +299,27 @@ fn main() {
         )
         .expect("prepare");
     let tcp_contig_gbps = gbps(&tcp_contig, reps);
+    // The UCX backend on the same transfers (UCX picks shared memory / cma here).
+    let ucx_contig = a
+        .prepare(
+            Op::Write,
+            &list(lbase, 1, 64 * MIB, 0),
+            &name,
+            &list(rbase, 1, 64 * MIB, 0),
+            Some(Backend::Ucx),
+        )
+        .expect("prepare");
+    let ucx_contig_gbps = gbps(&ucx_contig, reps);
+    let ucx_scattered = a
+        .prepare(
+            Op::Write,
+            &list(lbase, n, 16 << 10, 32 << 10),
+            &name,
+            &list(rbase, n, 16 << 10, 32 << 10),
+            Some(Backend::Ucx),
+        )
+        .expect("prepare");
+    let ucx_scattered_gbps = gbps(&ucx_scattered, reps);
     drop(child.stdin.take());
     let _ = child.wait();
     drop(a);
@@ -327,6 +355,10 @@ fn main() {
         json.insert(format!("{k}_vs_nixl"), ratio.into());
     }
     println!("\ntcp_contig_64mib_gbps    {tcp_contig_gbps:>12.3}");
+    println!("ucx_contig_64mib_gbps    {ucx_contig_gbps:>12.3}");
+    println!("ucx_scattered_16kib_gbps {ucx_scattered_gbps:>12.3}");
+    json.insert("ucx_contig_64mib_gbps".into(), ucx_contig_gbps.into());
+    json.insert("ucx_scattered_16kib_gbps".into(), ucx_scattered_gbps.into());
     println!("ucx_perftest put 64 MiB (all transports): {perf_contig:.3} GB/s");
     println!("ucx_perftest put 1 MiB (UCX_TLS=tcp):     {perf_tcp:.3} GB/s");
     json.insert("tcp_contig_64mib_gbps".into(), tcp_contig_gbps.into());

@@ -289,21 +289,18 @@ async fn reader(rd: &mut OwnedReadHalf, sh: &ConnShared) -> Result<()> {
                 x.complete(res);
             }
             wire::DATA => {
-                if !reads.contains_key(&h.id) {
+                if let std::collections::hash_map::Entry::Vacant(v) = reads.entry(h.id) {
                     let Some(x) = sh.pending.lock().get(&h.id).cloned() else {
                         return Err(proto("data for an unknown transfer"));
                     };
                     if x.op != Op::Read {
                         return Err(proto("data for a write"));
                     }
-                    reads.insert(
-                        h.id,
-                        ReadState {
-                            x,
-                            cur: Cursor::default(),
-                            got: 0,
-                        },
-                    );
+                    v.insert(ReadState {
+                        x,
+                        cur: Cursor::default(),
+                        got: 0,
+                    });
                 }
                 let rs = reads.get_mut(&h.id).expect("inserted above");
                 if rs.got.checked_add(h.len).is_none_or(|g| g > rs.x.total) {

@@ -674,7 +674,7 @@ impl Worker {
         unsafe {
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
             p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
-            p.flags = sys::UCP_AM_SEND_FLAG_EAGER | sys::UCP_AM_SEND_FLAG_REPLY * 0;
+            p.flags = sys::UCP_AM_SEND_FLAG_EAGER;
             let sp = send(
                 ep,
                 AM_NOTIF,

@@ -3,7 +3,11 @@
 //! neither bindgen nor UCX. `libucp` is opened at run time with [`load`].
 #![allow(clippy::all)]
 
-#[allow(unsafe_op_in_unsafe_fn, clippy::missing_safety_doc)]
+#[allow(
+    unsafe_op_in_unsafe_fn,
+    clippy::missing_safety_doc,
+    clippy::undocumented_unsafe_blocks
+)]
 mod bindings;
 pub use bindings::*;
 
