@@ -16,17 +16,22 @@ docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
 want = {"ConfigMap/kvmesh", "Deployment/kvmesh", "Service/kvmesh", "Service/vllm-engines", "Deployment/vllm-engine"}
 if sys.argv[3].endswith("with-redis"):
-    want |= {"StatefulSet/kvmesh-redis", "Service/kvmesh-redis"}
+    want |= {"StatefulSet/kvmesh-redis", "Service/kvmesh-redis", "Deployment/kvmesh-ingest", "ConfigMap/kvmesh-ingest"}
 missing = want - set(kinds)
 assert not missing, f"{sys.argv[3]}: missing {missing}; rendered {kinds}"
-[cm] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "kvmesh"]
-open(sys.argv[2], "w").write(cm["data"]["kvmesh.toml"])
+# Every kvmesh configuration, one file each, for the daemon to check.
+cms = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kvmesh")]
+for i, cm in enumerate(cms):
+    open(f"{sys.argv[2]}.{i}", "w").write(cm["data"]["kvmesh.toml"])
 [dep] = [d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "vllm-engine"]
 args = " ".join(dep["spec"]["template"]["spec"]["containers"][0]["args"])
 assert "enable_kv_cache_events" in args and "replay_endpoint" in args, args
 print(f"{sys.argv[3]}: {len(docs)} objects: {', '.join(kinds)}")
 PY
-    # The daemon must accept the configuration as rendered.
-    "$kvmesh" serve --config "$tmp/kvmesh.toml" --print-config >/dev/null
+    # The daemon must accept every configuration as rendered.
+    for conf in "$tmp"/kvmesh.toml.*; do
+        "$kvmesh" serve --config "$conf" --print-config >/dev/null
+        rm "$conf"
+    done
 done
 echo "deploy/ renders and its configuration is valid"
