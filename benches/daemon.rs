@@ -539,8 +539,15 @@ fn cpu_secs(pid: u32) -> f64 {
 }
 
 /// Closed loop: `threads` clients each send back to back for `secs`; requests per second.
-/// Also returns the server's CPU time per request (µs), ingestion meanwhile included.
-fn closed_loop(load: &Load, pid: u32, threads: usize, secs: f64, errors: &AtomicU64) -> (f64, f64) {
+/// Also returns the server's CPU time per request (µs), ingestion meanwhile included, and this
+/// process's (the client's, with the event stream's publishers).
+fn closed_loop(
+    load: &Load,
+    pid: u32,
+    threads: usize,
+    secs: f64,
+    errors: &AtomicU64,
+) -> (f64, f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let start = Arc::new(Barrier::new(threads + 1));
@@ -570,16 +577,19 @@ fn closed_loop(load: &Load, pid: u32, threads: usize, secs: f64, errors: &Atomic
         .collect();
     start.wait();
     let t = Instant::now();
-    let (cpu0, n0) = (cpu_secs(pid), done.load(Ordering::Relaxed));
+    let me = std::process::id();
+    let (cpu0, mine0, n0) = (cpu_secs(pid), cpu_secs(me), done.load(Ordering::Relaxed));
     std::thread::sleep(Duration::from_secs_f64(secs));
     let n = done.load(Ordering::Relaxed) - n0;
     let el = t.elapsed().as_secs_f64();
     let cpu = cpu_secs(pid) - cpu0;
+    let mine = cpu_secs(me) - mine0;
     stop.store(true, Ordering::Relaxed);
     for h in handles {
         errors.fetch_add(h.join().unwrap_or(1), Ordering::Relaxed);
     }
-    (n as f64 / el, cpu * 1e6 / n.max(1) as f64)
+    let per = |c: f64| c * 1e6 / n.max(1) as f64;
+    (n as f64 / el, per(cpu), per(mine))
 }
 
 /// Closed loop over kvmesh's gRPC streaming batch score: `threads` clients each stream batches
@@ -1048,16 +1058,17 @@ fn main() {
     let pids = [kv.child.id(), dy.child.id()];
     for r in 0..a.repeats {
         for (s, (sys, _)) in servers.iter().enumerate() {
-            let mut best = (0f64, 0f64);
+            let mut best = (0f64, 0f64, 0f64);
             for &c in &a.concurrency {
                 let x = closed_loop(&loads[s], pids[s], c, a.secs, &errors[s]);
                 eprintln!(
-                    "[daemon] run {} {:<7} closed loop, {:>3} clients: {:>8.0} requests/s, server CPU {:>6.0} us/request",
+                    "[daemon] run {} {:<7} closed loop, {:>3} clients: {:>8.0} requests/s, CPU per request: server {:>4.0} us, client {:>4.0} us",
                     r + 1,
                     sys.name(),
                     c,
                     x.0,
-                    x.1
+                    x.1,
+                    x.2
                 );
                 if x.0 > best.0 {
                     best = x;
