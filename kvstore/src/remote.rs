@@ -179,6 +179,25 @@ impl RedisConfig {
     }
 }
 
+/// A remote value: header then payload, one Redis argument, no intermediate copy.
+struct Headered<'a> {
+    header: [u8; VALUE_HEADER],
+    data: &'a [u8],
+}
+
+impl redis::ToRedisArgs for Headered<'_> {
+    fn write_redis_args<W>(&self, out: &mut W)
+    where
+        W: ?Sized + redis::RedisWrite,
+    {
+        out.reserve_space_for_args([VALUE_HEADER + self.data.len()]);
+        let mut w = out.writer_for_next_arg();
+        // Writing into the command's in-memory buffer cannot fail.
+        let _ = w.write_all(&self.header);
+        let _ = w.write_all(self.data);
+    }
+}
+
 /// Blocks in Redis, one string value per block.
 pub struct RedisTier {
     client: redis::Client,
@@ -270,9 +289,11 @@ impl RemoteTier for RedisTier {
             )));
         }
         let t0 = Instant::now();
-        let mut v = Vec::with_capacity(VALUE_HEADER + data.len());
-        v.extend_from_slice(&value_header(key, data));
-        v.extend_from_slice(data);
+        // Header and payload are written straight into the command buffer as one argument.
+        let v = Headered {
+            header: value_header(key, data),
+            data,
+        };
         let k = self.key(key);
         self.run(|c| {
             let mut cmd = redis::cmd("SET");

@@ -319,7 +319,23 @@ impl TieredStore {
         remote: bool,
     ) -> Result<()> {
         let core = &self.h.core;
-        match core.host.put(key, data)? {
+        let stored = loop {
+            match core.host.put(key, data) {
+                // Every host slot is pinned, some by blocks waiting to be written down: that is
+                // backpressure too. Wait for the writers (or refuse, for try_put).
+                Err(StoreError::AllPinned { .. }) if core.pending.load(Relaxed) > 0 => {
+                    if !wait {
+                        return Err(StoreError::Busy);
+                    }
+                    core.c.backpressure.fetch_add(1, Relaxed);
+                    let (m, cv) = &core.drained;
+                    let mut g = m.lock();
+                    cv.wait_for(&mut g, Duration::from_millis(20));
+                }
+                r => break r?,
+            }
+        };
+        match stored {
             HostPut::Present => return Ok(()),
             HostPut::Stored { evicted } => {
                 if let Some(ev) = &core.events {
@@ -579,11 +595,11 @@ impl Prefetch {
 }
 
 impl Core {
+    /// One write-behind job finished: wake `flush` and puts waiting for host room.
     fn done_one(&self) {
-        if self.pending.fetch_sub(1, Relaxed) == 1 {
-            let _g = self.drained.0.lock();
-            self.drained.1.notify_all();
-        }
+        self.pending.fetch_sub(1, Relaxed);
+        let _g = self.drained.0.lock();
+        self.drained.1.notify_all();
     }
 
     fn get(&self, key: BlockKey) -> Result<Option<(Bytes, TierKind)>> {

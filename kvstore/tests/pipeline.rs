@@ -91,20 +91,31 @@ fn full_write_queue_pushes_back() {
     let s = TieredStore::new(c).unwrap();
     // One block in the writer, two queued: the next try_put is refused.
     let mut busy = 0;
-    for k in 2..8u64 {
+    let mut k = 2u64;
+    let mut try_one = |busy: &mut i32| {
+        k += 1;
         match s.try_put(BlockKey(k), &content(BlockKey(k), BB), None) {
             Ok(()) => {}
-            Err(StoreError::Busy) => busy += 1,
+            Err(StoreError::Busy) => *busy += 1,
             Err(e) => panic!("{e}"),
         }
+    };
+    for _ in 0..6 {
+        try_one(&mut busy);
     }
     assert!(busy >= 2, "only {busy} refusals");
+    // The writer is inside its first 100 ms put now; fill the queue again.
+    std::thread::sleep(Duration::from_millis(20));
+    let before = busy;
+    while busy == before {
+        try_one(&mut busy);
+    }
     // A blocking put waits for room.
     let t0 = Instant::now();
     s.put(BlockKey(50), &content(BlockKey(50), BB), None)
         .unwrap();
     assert!(
-        t0.elapsed() >= Duration::from_millis(50),
+        t0.elapsed() >= Duration::from_millis(20),
         "{:?}",
         t0.elapsed()
     );
