@@ -264,9 +264,9 @@ fn to_pb(r: &ScoreRequest, id: u64) -> crate::serve::pb::ScoreRequest {
     pb::ScoreRequest {
         model: r.model.clone(),
         blocks: match (&r.token_ids, &r.block_hashes) {
-            (Some(t), _) => Some(pb::score_request::Blocks::TokenIds(pb::TokenIds {
-                ids: t.clone(),
-            })),
+            (Some(t), _) => Some(pb::score_request::Blocks::TokenIdsLe32(
+                t.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )),
             (None, Some(h)) => Some(pb::score_request::Blocks::BlockHashes(pb::BlockHashes {
                 hashes: h.clone(),
             })),

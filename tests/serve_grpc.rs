@@ -191,6 +191,49 @@ fn serve_grpc_api() {
     assert_eq!(status(c.score_many(&mixed)), 400);
     // And the daemon still answers.
     assert_eq!(c.score(&prompt).unwrap()[0].matched_blocks, 3);
+
+    // Both token encodings of the proto (varints and little-endian bytes) give one answer; a
+    // byte string that is not whole u32s is refused.
+    use kvmesh::serve::pb;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut raw = pb::kv_index_client::KvIndexClient::new(channel);
+        let ask = |blocks| pb::ScoreRequest {
+            model: "m".into(),
+            blocks: Some(blocks),
+            ..Default::default()
+        };
+        let varints = raw
+            .score(ask(pb::score_request::Blocks::TokenIds(pb::TokenIds {
+                ids: (0..64).collect(),
+            })))
+            .await
+            .unwrap()
+            .into_inner();
+        let le32 = raw
+            .score(ask(pb::score_request::Blocks::TokenIdsLe32(
+                (0..64u32).flat_map(|t| t.to_le_bytes()).collect(),
+            )))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(varints, le32);
+        assert_eq!(varints.engines[0].matched_blocks, 3);
+        let bad = raw
+            .score(ask(pb::score_request::Blocks::TokenIdsLe32(vec![0; 5])))
+            .await
+            .unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert!(bad.message().contains("multiple of 4"), "{}", bad.message());
+    });
 }
 
 #[test]

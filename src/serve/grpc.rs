@@ -30,20 +30,33 @@ impl From<ApiError> for Status {
 }
 
 /// A protobuf score request as the daemon's own; a request without blocks is refused.
-fn score_request(r: pb::ScoreRequest) -> api::ScoreRequest {
+fn score_request(r: pb::ScoreRequest) -> Result<api::ScoreRequest, Status> {
     let (token_ids, block_hashes) = match r.blocks {
         Some(pb::score_request::Blocks::TokenIds(t)) => (Some(t.ids), None),
+        Some(pb::score_request::Blocks::TokenIdsLe32(b)) => {
+            if b.len() % 4 != 0 {
+                return Err(Status::invalid_argument(format!(
+                    "token_ids_le32 has {} bytes, not a multiple of 4",
+                    b.len()
+                )));
+            }
+            let ids = b
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (Some(ids), None)
+        }
         Some(pb::score_request::Blocks::BlockHashes(h)) => (None, Some(h.hashes)),
         None => (None, None),
     };
-    api::ScoreRequest {
+    Ok(api::ScoreRequest {
         model: r.model,
         token_ids,
         block_hashes,
         lora_name: r.lora_name,
         cache_salt: r.cache_salt,
         engines: (!r.engines.is_empty()).then_some(r.engines),
-    }
+    })
 }
 
 fn score_response(engines: Vec<api::EngineScore>, request_id: u64) -> pb::ScoreResponse {
@@ -76,7 +89,15 @@ impl Service {
     /// the async workers for Redis (a network round trip).
     async fn score_one(&self, r: pb::ScoreRequest) -> Result<pb::ScoreResponse, Status> {
         let id = r.request_id;
-        let req = score_request(r);
+        let req = match score_request(r) {
+            Ok(req) => req,
+            Err(status) => {
+                self.0
+                    .bad_requests
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(status);
+            }
+        };
         let engines = if self.0.index_is_remote() {
             let app = self.0.clone();
             tokio::task::spawn_blocking(move || app.score(&req))
