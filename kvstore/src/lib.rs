@@ -71,6 +71,10 @@
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
 
+/// The CUDA copy engine (feature `cuda`): gathers vLLM's GPU KV blocks into host slots and
+/// scatters them back.
+#[cfg(feature = "cuda")]
+pub use kvstore_cuda as cuda;
 pub mod disk;
 pub mod error;
 pub mod events;
