@@ -149,6 +149,8 @@ pub fn killed_target(net: &Net, backend: Backend) {
             }
         }
     };
+    // Without a first completed READ the killer is never released: unblock it.
+    drop(go);
     let killed_at = killer.join().unwrap();
     assert!(done > 0, "no READ completed before the kill");
     assert!(
