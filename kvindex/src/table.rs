@@ -40,15 +40,16 @@ struct SlotBuf {
 }
 
 const HUGE_PAGE: usize = 2 << 20;
+/// A cache line: the slots of one bucket.
+const LINE: usize = 64;
+/// Slots per bucket (one cache line). A key's probe starts at the first slot of its home bucket,
+/// so the one line fetched for it holds its first four candidate slots.
+const BUCKET: usize = LINE / std::mem::size_of::<Slot>();
 
 impl SlotBuf {
     fn zeroed(len: usize) -> Self {
         let bytes = len * std::mem::size_of::<Slot>();
-        let align = if bytes >= HUGE_PAGE {
-            HUGE_PAGE
-        } else {
-            std::mem::align_of::<Slot>()
-        };
+        let align = if bytes >= HUGE_PAGE { HUGE_PAGE } else { LINE };
         let layout = match std::alloc::Layout::from_size_align(bytes, align) {
             Ok(l) => l,
             Err(_) => std::alloc::handle_alloc_error(std::alloc::Layout::new::<Slot>()),
@@ -117,12 +118,12 @@ fn spread(key: u64) -> u64 {
 }
 
 impl Table {
-    /// A table of `capacity` empty slots (at least 8).
+    /// A table of at least `capacity` empty slots (at least 8; rounded up to whole buckets).
     pub fn new(capacity: usize) -> Self {
         // EMPTY is 0: zeroed memory is a table of empty slots.
         const _: () = assert!(EMPTY == 0);
         Table {
-            slots: SlotBuf::zeroed(capacity.max(8)),
+            slots: SlotBuf::zeroed(capacity.max(8).next_multiple_of(BUCKET)),
         }
     }
 
@@ -139,8 +140,10 @@ impl Table {
 
     #[inline]
     fn home(&self, key: u64) -> usize {
-        // Multiply-shift range reduction: works for any capacity, not only powers of two.
-        ((u128::from(spread(key)) * self.slots.len() as u128) >> 64) as usize
+        // Multiply-shift range reduction to a bucket (any number of buckets, not only powers of
+        // two), then the bucket's first slot.
+        let buckets = (self.slots.len() / BUCKET) as u128;
+        ((u128::from(spread(key)) * buckets) >> 64) as usize * BUCKET
     }
 
     /// `i` reduced into the table, for `i < 2 * capacity`.
@@ -166,6 +169,15 @@ impl Table {
     #[inline]
     pub fn prefetch(&self, key: u64) {
         self.prefetch_slot(self.home(key));
+    }
+
+    /// Hints the CPU to fetch the home bucket of `key` and the bucket after it (where a key's
+    /// slots land when its home bucket is full).
+    #[inline]
+    pub fn prefetch_probe(&self, key: u64) {
+        let home = self.home(key);
+        self.prefetch_slot(home);
+        self.prefetch_slot(home + BUCKET);
     }
 
     /// Hints the CPU to fetch slot `idx` (`idx < 2 * capacity`, wrapped), without waiting for
@@ -395,18 +407,53 @@ impl Table {
         more: u64,
         mut keep: impl FnMut(u64, u64) -> bool,
     ) -> (Table, Occupancy) {
+        // The new table's slots are written in random order: fetch the home bucket of the live
+        // slot this far ahead of the one being moved.
+        const AHEAD: usize = 16;
         let t = Table::new(capacity);
         let mut occ = Occupancy::default();
-        self.scan(|_, k, v| {
-            if keep(k, v) {
-                // A fresh table has no tombstones: the new slot lands after every slot of its key.
-                if more != 0 {
-                    t.mark_before(k, usize::MAX, more);
+        let n = self.slots.len();
+        for i in 0..n {
+            if let Some(s) = self.slots.get(i + AHEAD) {
+                let k = s.key.load(Ordering::Relaxed);
+                if k > TOMB {
+                    t.prefetch(k);
                 }
-                t.insert(k, v & !more, &mut occ);
             }
-        });
+            let s = &self.slots[i];
+            let k = s.key.load(Ordering::Relaxed);
+            if k <= TOMB {
+                continue;
+            }
+            let v = s.val.load(Ordering::Relaxed);
+            if keep(k, v) {
+                t.append(k, v & !more, more, &mut occ);
+            }
+        }
         (t, occ)
+    }
+
+    /// Writer, on a table with no tombstones: inserts a slot after every slot of its key,
+    /// setting `more` on those (one probe).
+    fn append(&self, key: u64, val: u64, more: u64, occ: &mut Occupancy) {
+        let mut i = self.home(key);
+        for _ in 0..self.slots.len() {
+            let s = &self.slots[i];
+            let k = s.key.load(Ordering::Relaxed);
+            if k == EMPTY {
+                s.val.store(val, Ordering::Release);
+                s.key.store(key, Ordering::Release);
+                occ.live += 1;
+                return;
+            }
+            if k == key && more != 0 {
+                let v = s.val.load(Ordering::Relaxed);
+                if v & more != more {
+                    s.val.store(v | more, Ordering::Release);
+                }
+            }
+            i = self.next(i);
+        }
     }
 
     /// Writer: like [`Table::rebuild`], calling `ahead(key, value)` on the live slot 16 positions

@@ -101,8 +101,13 @@ fn unpack(m: u128) -> [u32; TIERS] {
     ]
 }
 
-/// Blocks whose keys a walk computes, and whose table slots it fetches, ahead of use.
-const BATCH: usize = 16;
+/// Keys a walk computes (and whose buckets it prefetches) ahead of the block it looks up, at
+/// most: enough to cover a memory access with the hashing of the blocks before it.
+const MAX_AHEAD: usize = 32;
+/// Keys computed ahead at the start of a walk.
+const MIN_AHEAD: usize = 4;
+/// Ring of keys computed ahead (a power of two above `MAX_AHEAD`).
+const RING: usize = 64;
 
 /// Walks a chain of `n` keys (produced lazily by `key_of`) over the block table, advancing every
 /// allowed engine that holds each block consecutively from block 0; stops when none advances.
@@ -110,8 +115,9 @@ const BATCH: usize = 16;
 /// Engines are handled 32 at a time as bit masks: an engine leaves its group's active mask at the
 /// first block it lacks (its match length is recorded then), and per-tier counts are kept in
 /// bit-sliced counters, so a block costs a few word operations per group however many engines
-/// hold it. Keys come [`BATCH`] at a time, and the home slots of the next batch are prefetched
-/// while the current one is processed, so cache misses overlap each other and the hashing.
+/// hold it. Keys are computed ahead of the block being looked up, and their home buckets
+/// prefetched, so cache misses overlap each other and the hashing; the distance ahead starts
+/// small (a short match wastes little hashing) and grows with the match, up to [`MAX_AHEAD`].
 pub(super) fn walk_chain(
     blocks: &Table,
     walk: &mut Walk,
@@ -144,89 +150,85 @@ pub(super) fn walk_chain(
     // Tiers from the highest weight down: a block scores the weight of its best tier.
     let mut by_weight = [0usize, 1, 2, 3];
     by_weight.sort_by(|a, b| weights[*b].total_cmp(&weights[*a]));
-    let mut cur = [0u64; BATCH];
-    let mut nxt = [0u64; BATCH];
-    let mut fill = |buf: &mut [u64; BATCH], base: usize| -> usize {
-        let want = n.saturating_sub(base).min(BATCH);
-        for (j, slot) in buf.iter_mut().enumerate().take(want) {
-            match key_of(base + j) {
-                Some(k) => {
-                    *slot = k;
-                    blocks.prefetch(k);
-                }
-                None => return j,
-            }
-        }
-        want
-    };
+    let mut ring = [0u64; RING];
+    // Keys computed so far; `n` shrinks to it when `key_of` ends the chain early.
+    let mut produced = 0usize;
+    let mut n = n;
+    let mut ahead = MIN_AHEAD;
     let mut depth = 0u32;
-    let mut base = 0;
-    let mut got = fill(&mut cur, 0);
-    'walk: while got > 0 {
-        let next_got = if got == BATCH {
-            fill(&mut nxt, base + BATCH)
-        } else {
-            0
-        };
-        for &key in cur.iter().take(got) {
-            blocks.for_each_indexed(key, |idx, v| {
-                let g = v_group(v) as usize;
-                if let Some(gw) = groups.get_mut(g) {
-                    let held = v as u32 & gw.active;
-                    if held != 0 {
-                        gw.holding |= u128::from(held) << (32 * v_tier(v));
-                        if v_stamp(v) != stamp {
-                            blocks.try_update(idx, key, v, with_stamp(v, stamp));
-                        }
-                    }
+    'walk: for i in 0..n {
+        let want = (i + 1 + ahead).min(n);
+        while produced < want {
+            match key_of(produced) {
+                Some(k) => {
+                    ring[produced % RING] = k;
+                    blocks.prefetch_probe(k);
+                    produced += 1;
                 }
-                v & MORE != 0
-            });
-            let mut advanced = false;
-            let mut k = 0;
-            while k < live.len() {
-                let g = live[k];
-                let gw = &mut groups[g];
-                let holding = gw.holding;
-                gw.holding = 0;
-                let any = {
-                    let h = holding as u64 | (holding >> 64) as u64;
-                    h as u32 | (h >> 32) as u32
-                };
-                if any != 0 && holding == gw.prev {
-                    // The common case: every running engine goes on, on the same tiers.
-                    advanced = true;
-                    k += 1;
-                    continue;
+                None => {
+                    n = produced;
+                    break;
                 }
-                walk.transition(g, &unpack(gw.prev), &unpack(holding), depth, &by_weight);
-                gw.prev = holding;
-                // Engines whose run ends here: their match is `depth` blocks long.
-                let mut ended = gw.active & !any;
-                while ended != 0 {
-                    let lane = ended.trailing_zeros();
-                    ended &= ended - 1;
-                    walk.matched[g * LANES as usize + lane as usize] = depth;
-                }
-                gw.active = any;
-                if any == 0 {
-                    live.swap_remove(k);
-                    continue;
-                }
-                advanced = true;
-                k += 1;
             }
-            if !advanced {
-                break 'walk;
-            }
-            depth += 1;
         }
-        if got < BATCH {
+        if i >= n {
             break;
         }
-        base += BATCH;
-        std::mem::swap(&mut cur, &mut nxt);
-        got = next_got;
+        if ahead < MAX_AHEAD {
+            ahead += 1;
+        }
+        let key = ring[i % RING];
+        blocks.for_each_indexed(key, |idx, v| {
+            let g = v_group(v) as usize;
+            if let Some(gw) = groups.get_mut(g) {
+                let held = v as u32 & gw.active;
+                if held != 0 {
+                    gw.holding |= u128::from(held) << (32 * v_tier(v));
+                    if v_stamp(v) != stamp {
+                        blocks.try_update(idx, key, v, with_stamp(v, stamp));
+                    }
+                }
+            }
+            v & MORE != 0
+        });
+        let mut advanced = false;
+        let mut k = 0;
+        while k < live.len() {
+            let g = live[k];
+            let gw = &mut groups[g];
+            let holding = gw.holding;
+            gw.holding = 0;
+            let any = {
+                let h = holding as u64 | (holding >> 64) as u64;
+                h as u32 | (h >> 32) as u32
+            };
+            if any != 0 && holding == gw.prev {
+                // The common case: every running engine goes on, on the same tiers.
+                advanced = true;
+                k += 1;
+                continue;
+            }
+            walk.transition(g, &unpack(gw.prev), &unpack(holding), depth, &by_weight);
+            gw.prev = holding;
+            // Engines whose run ends here: their match is `depth` blocks long.
+            let mut ended = gw.active & !any;
+            while ended != 0 {
+                let lane = ended.trailing_zeros();
+                ended &= ended - 1;
+                walk.matched[g * LANES as usize + lane as usize] = depth;
+            }
+            gw.active = any;
+            if any == 0 {
+                live.swap_remove(k);
+                continue;
+            }
+            advanced = true;
+            k += 1;
+        }
+        if !advanced {
+            break 'walk;
+        }
+        depth += 1;
     }
     // Engines still running reached the end of the chain.
     for &g in &live {
