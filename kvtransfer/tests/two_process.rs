@@ -69,7 +69,7 @@ fn notifications_follow_the_data() {
         assert_eq!(p.sum(&pieces), local_sum(&buf, &pieces));
     }
     // READ with a notification: the peer hears once its bytes were read.
-    let pieces = [(8u64 << 20, 1 << 20)];
+    let pieces = [(6u64 << 20, 1 << 20)];
     let h = a
         .prepare(
             Op::Read,

@@ -247,6 +247,7 @@ pub fn restarted_peer(net: &Net, backends: &[Backend]) {
         assert!(
             backend == Backend::Ucx
                 || e.contains("restarted")
+                || e.contains("connection closed")
                 || e.contains("exited")
                 || e.contains("gone")
                 || e.contains("not the one"),
