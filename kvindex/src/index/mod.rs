@@ -1125,13 +1125,13 @@ impl Writer {
         // Fetch the table slots a few blocks ahead, so their cache misses overlap.
         const AHEAD: usize = 8;
         for (h, k) in ev.block_hashes.iter().zip(&keys).take(AHEAD) {
-            self.aliases.prefetch(alias_key(*h));
-            self.blocks.prefetch(k.0);
+            self.aliases.prefetch_probe(alias_key(*h));
+            self.blocks.prefetch_probe(k.0);
         }
         for (i, (&h, &key)) in ev.block_hashes.iter().zip(&keys).enumerate() {
             if let (Some(ah), Some(ak)) = (ev.block_hashes.get(i + AHEAD), keys.get(i + AHEAD)) {
-                self.aliases.prefetch(alias_key(*ah));
-                self.blocks.prefetch(ak.0);
+                self.aliases.prefetch_probe(alias_key(*ah));
+                self.blocks.prefetch_probe(ak.0);
             }
             self.add_alias(inner, h, key.0);
             self.add(inner, key.0, e, tier, depth, stamp, restore);
