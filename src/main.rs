@@ -21,13 +21,15 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the options does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Replays a request trace on simulated engines that publish vLLM KV events over ZMQ, routes
     /// every request by kvindex's scores, and compares the cluster's prefix-cache hit rate with
     /// round-robin and random routing on the same trace.
     Demo(DemoArgs),
     /// Runs the index as a daemon: ingests vLLM KV events over ZMQ and answers score requests
-    /// over HTTP.
+    /// over HTTP and gRPC.
     Serve(serve::ServeArgs),
 }
 

@@ -65,8 +65,9 @@ fn parse_body<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// `POST /v1/score`'s body, with the token ids left unparsed: they are most of the bytes, and
-/// [`parse_u32_array`] reads them several times faster than a generic JSON sequence.
+/// `POST /v1/score`'s body when the fast path (`fastjson`) declines it, with the token ids left
+/// unparsed: they are most of the bytes, and a byte loop reads them several times faster than a
+/// generic JSON sequence.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ScoreBody<'a> {
@@ -83,71 +84,20 @@ struct ScoreBody<'a> {
     engines: Option<Vec<String>>,
 }
 
-/// A JSON array of integers in `0..=u32::MAX`, read byte by byte; `None` for anything else (the
-/// caller then lets serde_json name the problem).
-fn parse_u32_array(text: &str) -> Option<Vec<u32>> {
-    let b = text.as_bytes();
-    let ws = |i: &mut usize| {
-        while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\n' | b'\r') {
-            *i += 1;
-        }
-    };
-    let mut i = 0;
-    ws(&mut i);
-    if b.get(i) != Some(&b'[') {
-        return None;
-    }
-    i += 1;
-    // About one id per 5 bytes of text.
-    let mut out = Vec::with_capacity(b.len() / 5 + 1);
-    ws(&mut i);
-    if b.get(i) == Some(&b']') {
-        i += 1;
-        ws(&mut i);
-        return (i == b.len()).then_some(out);
-    }
-    loop {
-        let start = i;
-        let mut v: u64 = 0;
-        while i < b.len() && b[i].is_ascii_digit() {
-            v = v * 10 + u64::from(b[i] - b'0');
-            if v > u64::from(u32::MAX) {
-                return None;
-            }
-            i += 1;
-        }
-        // No digits, or a leading zero (not JSON), or a fraction or exponent follows.
-        if i == start || (b[start] == b'0' && i - start > 1) {
-            return None;
-        }
-        out.push(v as u32);
-        ws(&mut i);
-        match b.get(i) {
-            Some(b',') => {
-                i += 1;
-                ws(&mut i);
-            }
-            Some(b']') => {
-                i += 1;
-                ws(&mut i);
-                return (i == b.len()).then_some(out);
-            }
-            _ => return None,
-        }
-    }
-}
-
 /// Decodes a score request body; malformed bodies get a 400 that names the problem.
 fn score_request(app: &App, bytes: &[u8]) -> Result<ScoreRequest, Box<Response>> {
     let bad = |msg: String| {
         app.bad_requests.fetch_add(1, Ordering::Relaxed);
         Box::new(json_error(StatusCode::BAD_REQUEST, msg))
     };
+    if let Some(fast) = super::fastjson::score_body(bytes) {
+        return fast.map_err(bad);
+    }
     let body: ScoreBody<'_> =
         serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid request body: {e}")))?;
     let token_ids = match body.token_ids.map(RawValue::get) {
         None | Some("null") => None,
-        Some(raw) => match parse_u32_array(raw) {
+        Some(raw) => match super::fastjson::parse_u32_array(raw) {
             Some(v) => Some(v),
             None => Some(
                 serde_json::from_str::<Vec<u32>>(raw)
@@ -274,47 +224,4 @@ pub(crate) fn router(app: Shared) -> Router {
         .route("/readyz", get(readyz))
         .layer(DefaultBodyLimit::max(max))
         .with_state(app)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_u32_array;
-
-    #[test]
-    fn token_arrays_parse_like_serde_json() {
-        for ok in [
-            "[]",
-            " [ ] ",
-            "[0]",
-            "[1,2,3]",
-            " [ 1 , 2 ,\n3 ] ",
-            "[4294967295]",
-            "[10,200,3000,40000,500000]",
-        ] {
-            let want: Vec<u32> = serde_json::from_str(ok).unwrap();
-            assert_eq!(parse_u32_array(ok), Some(want), "{ok}");
-        }
-        // Everything serde_json refuses (or reads differently) is left to it.
-        for bad in [
-            "",
-            "[",
-            "]",
-            "[,]",
-            "[1,]",
-            "[1 2]",
-            "[-1]",
-            "[1.0]",
-            "[1e3]",
-            "[01]",
-            "[4294967296]",
-            "[99999999999999999999]",
-            "[\"1\"]",
-            "[1]]",
-            "[1] x",
-            "{}",
-            "null",
-        ] {
-            assert_eq!(parse_u32_array(bad), None, "{bad}");
-        }
-    }
 }

@@ -6,6 +6,7 @@
 
 mod api;
 mod discovery;
+mod fastjson;
 mod grpc;
 mod http;
 mod tls;
