@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 
 use crate::agent::{Inner, Remote};
 use crate::error::{peer_err, Error, Result};
-use crate::xfer::{Op, XferShared};
+use crate::xfer::{Op, Seg, XferShared};
 
 const IOV_MAX: usize = 1024;
 
@@ -103,7 +103,22 @@ impl Worker {
         std::thread::Builder::new()
             .name("kvtransfer-shm".into())
             .spawn(move || {
-                while let Ok(x) = rx.recv() {
+                // Spin a little before sleeping: back-to-back posts then find the worker
+                // awake and need no wake-up call.
+                let next = |rx: &crossbeam_channel::Receiver<Arc<XferShared>>| {
+                    let t = std::time::Instant::now();
+                    while t.elapsed() < std::time::Duration::from_micros(50) {
+                        match rx.try_recv() {
+                            Ok(x) => return Ok(x),
+                            Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                                return Err(crossbeam_channel::RecvError)
+                            }
+                            Err(crossbeam_channel::TryRecvError::Empty) => std::hint::spin_loop(),
+                        }
+                    }
+                    rx.recv()
+                };
+                while let Ok(x) = next(&rx) {
                     let Some(i) = inner.upgrade() else {
                         x.complete(Err(Error::Invalid("the agent was dropped".into())));
                         continue;
@@ -158,14 +173,87 @@ fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
     } else {
         None
     };
+    if x.total >= SPLIT && x.local.len() < IOV_MAX {
+        // Large copies run as two halves on two threads (the kernel copies page by page).
+        let (l1, r1, l2, r2) = halves(&x.local, &x.remote_segs, x.total / 2);
+        let (a, b) = std::thread::scope(|s| {
+            let h = s.spawn(|| copy(&peer, name, x.op, &x.cancel, &l2, &r2));
+            let a = copy(&peer, name, x.op, &x.cancel, &l1, &r1);
+            (
+                a,
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Io("copy thread panicked".into()))),
+            )
+        });
+        a?;
+        b?;
+    } else {
+        copy(&peer, name, x.op, &x.cancel, &x.local, &x.remote_segs)?;
+    }
+    if peer.exited() {
+        return Err(peer_err(name, "process exited during the transfer"));
+    }
+    if let (Some(c), Some(m)) = (conn, notif) {
+        c.send_notif(m)?;
+    }
+    Ok(())
+}
+
+/// Transfers of at least this many bytes are copied by two threads.
+const SPLIT: u64 = 16 << 20;
+
+/// Splits paired segment lists at `at` bytes.
+fn halves(local: &[Seg], remote: &[Seg], at: u64) -> (Vec<Seg>, Vec<Seg>, Vec<Seg>, Vec<Seg>) {
+    let (mut l1, mut r1, mut l2, mut r2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut done = 0u64;
+    for (l, r) in local.iter().zip(remote) {
+        if done >= at {
+            l2.push(*l);
+            r2.push(*r);
+        } else if done + l.len <= at {
+            l1.push(*l);
+            r1.push(*r);
+        } else {
+            let k = at - done;
+            l1.push(Seg {
+                addr: l.addr,
+                len: k,
+            });
+            r1.push(Seg {
+                addr: r.addr,
+                len: k,
+            });
+            l2.push(Seg {
+                addr: l.addr + k,
+                len: l.len - k,
+            });
+            r2.push(Seg {
+                addr: r.addr + k,
+                len: r.len - k,
+            });
+        }
+        done += l.len;
+    }
+    (l1, r1, l2, r2)
+}
+
+/// Copies paired segments between this process and the peer.
+fn copy(
+    peer: &Peer,
+    name: &str,
+    op: Op,
+    cancel: &std::sync::atomic::AtomicBool,
+    local: &[Seg],
+    remote: &[Seg],
+) -> Result<()> {
     let mut i = 0;
-    let n = x.local.len();
+    let n = local.len();
     let mut liov: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX.min(n));
     let mut riov: Vec<libc::iovec> = Vec::with_capacity(IOV_MAX.min(n));
     // Progress inside the current batch after a partial copy.
     let mut skip = 0u64;
     while i < n {
-        if x.cancel.load(Ordering::Relaxed) {
+        if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }
         liov.clear();
@@ -173,7 +261,7 @@ fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
         let mut want = 0u64;
         let end = (i + IOV_MAX).min(n);
         for k in i..end {
-            let (l, rm) = (x.local[k], x.remote_segs[k]);
+            let (l, rm) = (local[k], remote[k]);
             let off = if k == i { skip } else { 0 };
             liov.push(libc::iovec {
                 iov_base: (l.addr + off) as *mut libc::c_void,
@@ -189,7 +277,7 @@ fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
         // prepare); remote iovecs into the peer's registered regions as its metadata lists them.
         // The kernel checks the remote side and fails with EFAULT outside its mappings.
         let got = unsafe {
-            match x.op {
+            match op {
                 Op::Write => libc::process_vm_writev(
                     peer.pid,
                     liov.as_ptr(),
@@ -239,7 +327,7 @@ fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
         let mut k = i;
         let mut off = skip;
         while got > 0 {
-            let left = x.local[k].len - off;
+            let left = local[k].len - off;
             if got >= left {
                 got -= left;
                 k += 1;
@@ -251,12 +339,6 @@ fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
         }
         i = k;
         skip = off;
-    }
-    if peer.exited() {
-        return Err(peer_err(name, "process exited during the transfer"));
-    }
-    if let (Some(c), Some(m)) = (conn, notif) {
-        c.send_notif(m)?;
     }
     Ok(())
 }

@@ -280,3 +280,42 @@ fn async_wait() {
 fn restarted_peer_reconnects() {
     restarted_peer(&Net::loopback(), &[Backend::Tcp, Backend::Shm]);
 }
+
+/// Large transfers (copied by two threads on the shared-memory backend) arrive whole.
+#[test]
+fn large_transfers_verified() {
+    let size = 48usize << 20;
+    let a = agent("large", Duration::from_secs(10));
+    let buf = HostBuffer::new(size).unwrap();
+    a.register(&buf).unwrap();
+    let mut p = Peer::start(&[], "large-peer", size, &[]);
+    let name = a.load_remote(&p.meta).unwrap();
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(5);
+    let mut data = vec![0u8; size];
+    rand::Rng::fill(&mut rng, &mut data[..]);
+    buf.write_at(0, &data).unwrap();
+    // One 40 MiB piece split off-centre by smaller ones, at different offsets on each side.
+    let lp = [(0u64, 3 << 20), (4 << 20, 40 << 20), (45 << 20, 12345)];
+    let rp = [(44 << 20, 3 << 20), (1 << 20, 40 << 20), (47 << 20, 12345)];
+    for backend in [Backend::Shm, Backend::Tcp] {
+        for op in [Op::Write, Op::Read] {
+            if op == Op::Read {
+                buf.fill(0);
+            }
+            let h = a
+                .prepare(
+                    op,
+                    &descs(buf.addr(), &lp),
+                    &name,
+                    &descs(p.base, &rp),
+                    Some(backend),
+                )
+                .unwrap();
+            h.post(None).unwrap();
+            h.wait_timeout(WAIT).unwrap();
+            assert_eq!(local_sum(&buf, &lp), p.sum(&rp), "{backend:?} {op:?}");
+        }
+        p.cmd("fill 9");
+    }
+    p.cmd("quit");
+}
