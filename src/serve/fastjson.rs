@@ -52,10 +52,15 @@ pub(crate) fn parse_u32_array_prefix(b: &[u8]) -> Option<(Vec<u32>, usize)> {
         return Some((out, i + 1));
     }
     loop {
-        let mut chunk = [b' '; 8];
-        let avail = (b.len() - i).min(8);
-        chunk[..avail].copy_from_slice(&b[i..i + avail]);
-        let word = u64::from_le_bytes(chunk);
+        let word = match b.get(i..i + 8) {
+            Some(w) => u64::from_le_bytes(w.try_into().expect("8 bytes")),
+            None => {
+                // The last few bytes, padded with a non-digit.
+                let mut chunk = [b' '; 8];
+                chunk[..b.len() - i].copy_from_slice(&b[i..]);
+                u64::from_le_bytes(chunk)
+            }
+        };
         let n = digit_count(word);
         let (value, len) = if n == 0 {
             return None;
