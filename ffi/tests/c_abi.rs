@@ -18,16 +18,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// target/debug (or release): where cargo put this test and the shared library.
-fn target_dir() -> PathBuf {
+/// Where cargo put the shared library: beside this test (`target/debug/deps`, where `cargo test`
+/// builds it) or one level up (`target/debug`, after `cargo build`).
+fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    let deps = exe.parent().unwrap().to_path_buf();
+    let up = deps.parent().unwrap().to_path_buf();
+    [deps.clone(), up]
+        .into_iter()
+        .find(|d| d.join("libkvmesh_ffi.so").exists())
+        .unwrap_or(deps)
 }
 
 #[test]
 fn c_abi_under_address_sanitizer() {
     let ffi = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let lib_dir = target_dir();
+    let lib_dir = lib_dir();
     assert!(
         lib_dir.join("libkvmesh_ffi.so").exists(),
         "no libkvmesh_ffi.so in {}",
