@@ -27,74 +27,8 @@ pub enum ClientError {
     Protocol(String),
 }
 
-/// A score request: a prompt by token ids or by vLLM block hashes.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
-pub struct ScoreRequest {
-    pub model: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_ids: Option<Vec<u32>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub block_hashes: Option<Vec<u64>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora_name: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cache_salt: Option<String>,
-    /// Only these engines (all when `None`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub engines: Option<Vec<String>>,
-}
-
-impl ScoreRequest {
-    /// A request for a prompt's token ids.
-    pub fn tokens(model: impl Into<String>, token_ids: Vec<u32>) -> Self {
-        ScoreRequest {
-            model: model.into(),
-            token_ids: Some(token_ids),
-            ..Default::default()
-        }
-    }
-
-    /// A request for vLLM's block hashes of a prompt.
-    pub fn hashes(model: impl Into<String>, block_hashes: Vec<u64>) -> Self {
-        ScoreRequest {
-            model: model.into(),
-            block_hashes: Some(block_hashes),
-            ..Default::default()
-        }
-    }
-}
-
-/// Blocks per tier.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-pub struct TierCounts {
-    pub gpu: u64,
-    pub cpu: u64,
-    pub storage: u64,
-    pub remote: u64,
-}
-
-/// One engine's answer, best first.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct EngineScore {
-    pub name: String,
-    pub matched_blocks: u32,
-    pub matched_tokens: u32,
-    pub tiers: TierCounts,
-    pub score: f64,
-}
-
-/// An engine as the daemon reports it.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct EngineStatus {
-    pub name: String,
-    pub model: Option<String>,
-    /// `waiting`, `connected`, `disconnected`, or `elsewhere` (ingested by another replica).
-    pub state: String,
-    #[serde(default)]
-    pub last_seq: Option<u64>,
-    #[serde(default)]
-    pub blocks: Option<TierCounts>,
-}
+// The messages are the daemon's own types, shared with the server side.
+pub use crate::serve::{EngineScore, EngineStatus, ScoreRequest, TierCounts};
 
 /// An engine to add at run time.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -403,14 +337,28 @@ impl GrpcIndexClient {
             .map(|e| EngineStatus {
                 name: e.name,
                 model: (!e.model.is_empty()).then_some(e.model),
+                endpoint: (!e.endpoint.is_empty()).then_some(e.endpoint),
+                replay_endpoint: (!e.replay_endpoint.is_empty()).then_some(e.replay_endpoint),
                 state: e.state,
                 last_seq: e.last_seq,
+                lag_seconds: e.lag_seconds,
+                batches: e.batches,
+                events: e.events,
+                gaps: e.gaps,
+                replays: e.replays,
+                lost_batches: e.lost_batches,
+                restarts: e.restarts,
+                disconnects: e.disconnects,
+                orphans: e.orphans,
+                orphans_unrecovered: e.orphans_unrecovered,
                 blocks: e.blocks.map(|b| TierCounts {
                     gpu: b.gpu,
                     cpu: b.cpu,
                     storage: b.storage,
                     remote: b.remote,
                 }),
+                block_size: e.block_size,
+                last_error: (!e.last_error.is_empty()).then_some(e.last_error),
             })
             .collect())
     }

@@ -112,7 +112,8 @@ impl Backend {
     }
 }
 
-/// A score request, as both APIs carry it.
+/// A score request, as both APIs (and the clients) carry it: a prompt by token ids or by vLLM
+/// block hashes.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreRequest {
@@ -125,8 +126,29 @@ pub struct ScoreRequest {
     pub lora_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_salt: Option<String>,
+    /// Only these engines (all when `None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engines: Option<Vec<String>>,
+}
+
+impl ScoreRequest {
+    /// A request for a prompt's token ids.
+    pub fn tokens(model: impl Into<String>, token_ids: Vec<u32>) -> Self {
+        ScoreRequest {
+            model: model.into(),
+            token_ids: Some(token_ids),
+            ..Default::default()
+        }
+    }
+
+    /// A request for vLLM's block hashes of a prompt.
+    pub fn hashes(model: impl Into<String>, block_hashes: Vec<u64>) -> Self {
+        ScoreRequest {
+            model: model.into(),
+            block_hashes: Some(block_hashes),
+            ..Default::default()
+        }
+    }
 }
 
 /// Blocks per tier.
@@ -161,6 +183,7 @@ pub struct EngineScore {
 
 /// One engine as `GET /v1/engines` and `ListEngines` show it.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct EngineStatus {
     pub name: String,
     pub model: Option<String>,
