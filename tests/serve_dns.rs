@@ -5,48 +5,12 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::free_port;
+use common::{free_port, stored, wait_for, Killed};
 use kvindex::publish::{EventPublisher, PublisherConfig};
-use kvindex::{BlockStored, EngineHash, EventBatch, KvEvent, Medium};
 use kvmesh::client::{IndexClient, ScoreRequest};
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn stored(hash: u64, first: u32) -> EventBatch {
-    EventBatch {
-        ts: 1.0,
-        events: vec![KvEvent::BlockStored(BlockStored {
-            block_hashes: vec![EngineHash(hash)],
-            parent_block_hash: None,
-            token_ids: (first..first + 16).collect(),
-            block_size: 16,
-            medium: Some(Medium::Gpu),
-            ..Default::default()
-        })],
-        data_parallel_rank: Some(0),
-    }
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 const HOST: &str = "engines.kvmesh.test";
 
@@ -130,8 +94,8 @@ fn engines_follow_the_dns_records() {
         n.contains(&"pool-127.0.0.2".to_owned()) && n.contains(&"pool-127.0.0.3".to_owned())
     });
     std::thread::sleep(Duration::from_millis(300));
-    p2.publish(&stored(1, 0)).unwrap();
-    p3.publish(&stored(2, 1000)).unwrap();
+    p2.publish(&stored(&[1], None, 0)).unwrap();
+    p3.publish(&stored(&[2], None, 1000)).unwrap();
     let holder = |first: u32| -> Vec<String> {
         client
             .score(&ScoreRequest::tokens("m", (first..first + 32).collect()))
@@ -158,7 +122,7 @@ fn engines_follow_the_dns_records() {
         names().contains(&"pool-127.0.0.3".to_owned())
     });
     std::thread::sleep(Duration::from_millis(300));
-    p3.publish(&stored(3, 2000)).unwrap();
+    p3.publish(&stored(&[3], None, 2000)).unwrap();
     wait_for("the returning engine's blocks", || {
         holder(2000) == ["pool-127.0.0.3"]
     });

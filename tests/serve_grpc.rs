@@ -4,52 +4,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::free_port;
+use common::{free_port, stored, wait_for, Killed};
 use kvindex::publish::{EventPublisher, PublisherConfig};
-use kvindex::{BlockStored, EngineHash, EventBatch, KvEvent, Medium};
 use kvmesh::client::{ClientError, GrpcIndexClient, IndexClient, NewEngine, ScoreRequest};
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn stored(hashes: &[u64], parent: Option<u64>, first: u32) -> EventBatch {
-    let n = hashes.len() as u32;
-    EventBatch {
-        ts: 1.0,
-        events: vec![KvEvent::BlockStored(BlockStored {
-            block_hashes: hashes.iter().map(|&h| EngineHash(h)).collect(),
-            parent_block_hash: parent.map(EngineHash),
-            token_ids: (first..first + 16 * n).collect(),
-            block_size: 16,
-            medium: Some(Medium::Gpu),
-            ..Default::default()
-        })],
-        data_parallel_rank: Some(0),
-    }
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A publisher with blocks 1, 2, 3 (48 tokens: 0..48) stored, and a daemon subscribed to it.
-fn setup(extra: &[&str]) -> (EventPublisher, Server, u16, u16) {
+fn setup(extra: &[&str]) -> (EventPublisher, Killed, u16, u16) {
     let ctx = zmq::Context::new();
     let (pub_port, replay_port, http, grpc) = (free_port(), free_port(), free_port(), free_port());
     let publ = EventPublisher::start(
@@ -60,7 +23,7 @@ fn setup(extra: &[&str]) -> (EventPublisher, Server, u16, u16) {
         },
     )
     .expect("publisher");
-    let server = Server(
+    let server = Killed(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
             .args(["serve", "--model", "m", "--max-request-bytes", "65536"])
             .args(["--listen", &format!("127.0.0.1:{http}")])

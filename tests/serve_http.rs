@@ -4,21 +4,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::free_port;
+use common::{free_port, stored, wait_for, Killed};
 use kvindex::publish::{EventPublisher, PublisherConfig};
-use kvindex::{BlockStored, EngineHash, EventBatch, KvEvent, Medium};
-
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
@@ -58,33 +48,6 @@ fn wait_healthy(base: &str) {
     });
 }
 
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stored(hashes: &[u64], parent: Option<u64>, first: u32) -> EventBatch {
-    let n = hashes.len() as u32;
-    EventBatch {
-        ts: 1.0,
-        events: vec![KvEvent::BlockStored(BlockStored {
-            block_hashes: hashes.iter().map(|&h| EngineHash(h)).collect(),
-            parent_block_hash: parent.map(EngineHash),
-            token_ids: (first..first + 16 * n).collect(),
-            block_size: 16,
-            medium: Some(Medium::Gpu),
-            ..Default::default()
-        })],
-        data_parallel_rank: Some(0),
-    }
-}
-
 #[test]
 fn serve_http_api() {
     let ctx = zmq::Context::new();
@@ -98,7 +61,7 @@ fn serve_http_api() {
     )
     .expect("publisher");
     let base = format!("http://127.0.0.1:{http}");
-    let _server = Server(
+    let _server = Killed(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
             .env("KVMESH_GRPC_LISTEN", "off")
             .args([
@@ -308,7 +271,7 @@ fn replicas_share_an_index_on_redis() {
             cmd.arg("--engine")
                 .arg(format!("e1=tcp://127.0.0.1:{pub_port}"));
         }
-        Server(cmd.spawn().expect("kvmesh serve starts"))
+        Killed(cmd.spawn().expect("kvmesh serve starts"))
     };
     // Replica A ingests the engine; replica B only answers.
     let (http_a, http_b) = (free_port(), free_port());
@@ -351,7 +314,7 @@ fn restarted_daemon_answers_from_its_snapshot_then_catches_up() {
     std::fs::create_dir_all(&dir).unwrap();
     let snap = dir.join("index.snap");
     let start = |http: u16| {
-        Server(
+        Killed(
             Command::new(env!("CARGO_BIN_EXE_kvmesh"))
                 .env("KVMESH_GRPC_LISTEN", "off")
                 .args([
@@ -447,7 +410,7 @@ fn restarted_daemon_answers_from_its_snapshot_then_catches_up() {
 fn bearer_token_guards_the_api() {
     let http = free_port();
     let base = format!("http://127.0.0.1:{http}");
-    let _server = Server(
+    let _server = Killed(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
             .env("KVMESH_GRPC_LISTEN", "off")
             .args([
@@ -508,7 +471,7 @@ fn rust_client_against_the_daemon() {
     )
     .expect("publisher");
     let http = free_port();
-    let _server = Server(
+    let _server = Killed(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
             .env("KVMESH_GRPC_LISTEN", "off")
             .args([

@@ -237,3 +237,43 @@ impl Drop for RedisServer {
         let _ = self.child.wait();
     }
 }
+
+/// A child process killed and reaped when dropped (a daemon or a DNS server of a test).
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to 30 s for `f` to hold.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One batch storing GPU blocks `hashes` (16 tokens each, ids counting up from `first`) after
+/// `parent`.
+pub fn stored(hashes: &[u64], parent: Option<u64>, first: u32) -> kvindex::EventBatch {
+    let n = hashes.len() as u32;
+    kvindex::EventBatch {
+        ts: 1.0,
+        events: vec![kvindex::KvEvent::BlockStored(kvindex::BlockStored {
+            block_hashes: hashes.iter().map(|&h| kvindex::EngineHash(h)).collect(),
+            parent_block_hash: parent.map(kvindex::EngineHash),
+            token_ids: (first..first + 16 * n).collect(),
+            block_size: 16,
+            medium: Some(kvindex::Medium::Gpu),
+            ..Default::default()
+        })],
+        data_parallel_rank: Some(0),
+    }
+}
