@@ -33,6 +33,14 @@ use crate::host::{HostConfig, HostPut, HostTier};
 use crate::remote::{BlockSource, RemoteTier};
 use crate::stats::TierStats;
 
+/// A fill function copying `data` into a slot.
+fn copy_from(data: &[u8]) -> impl FnMut(&mut [u8]) -> Result<()> + '_ {
+    move |dst| {
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
 /// Which tier holds a block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TierKind {
@@ -301,26 +309,55 @@ impl TieredStore {
     /// Stores a block: into the host tier now, down to the lower tiers in the background.
     /// Blocks while the write-behind queue is full.
     pub fn put(&self, key: BlockKey, data: &[u8], meta: Option<BlockMeta>) -> Result<()> {
-        self.put_inner(key, data, meta, true, self.h.write_remote)
+        self.put_inner(
+            key,
+            data.len(),
+            &mut copy_from(data),
+            meta,
+            true,
+            self.h.write_remote,
+        )
+    }
+
+    /// Like [`TieredStore::put`], but the block is written straight into its host slot by `fill`
+    /// (which gets exactly [`TieredStore::block_bytes`] bytes), e.g. gathered from an engine's
+    /// KV pages without an intermediate buffer. If `fill` fails nothing is stored. A key already
+    /// held is not filled again.
+    pub fn put_with(
+        &self,
+        key: BlockKey,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
+        meta: Option<BlockMeta>,
+    ) -> Result<()> {
+        let len = self.block_bytes();
+        self.put_inner(key, len, fill, meta, true, self.h.write_remote)
     }
 
     /// Like [`TieredStore::put`], but fails with [`StoreError::Busy`] instead of waiting for
     /// queue room (the block is then in the host tier only).
     pub fn try_put(&self, key: BlockKey, data: &[u8], meta: Option<BlockMeta>) -> Result<()> {
-        self.put_inner(key, data, meta, false, self.h.write_remote)
+        self.put_inner(
+            key,
+            data.len(),
+            &mut copy_from(data),
+            meta,
+            false,
+            self.h.write_remote,
+        )
     }
 
     fn put_inner(
         &self,
         key: BlockKey,
-        data: &[u8],
+        len: usize,
+        fill: &mut dyn FnMut(&mut [u8]) -> Result<()>,
         meta: Option<BlockMeta>,
         wait: bool,
         remote: bool,
     ) -> Result<()> {
         let core = &self.h.core;
         let stored = loop {
-            match core.host.put(key, data) {
+            match core.host.put_with(key, len, &mut *fill) {
                 // Every host slot is pinned, some by blocks waiting to be written down: that is
                 // backpressure too. Wait for the writers (or refuse, for try_put).
                 Err(StoreError::AllPinned { .. }) if core.pending.load(Relaxed) > 0 => {
@@ -546,7 +583,7 @@ impl BlockSource for TieredStore {
 
     fn put_local(&self, key: BlockKey, data: &[u8]) -> Result<()> {
         // A peer's block stays local: writing it to our remotes could send it back.
-        self.put_inner(key, data, None, true, false)
+        self.put_inner(key, data.len(), &mut copy_from(data), None, true, false)
     }
 
     fn contains_local(&self, key: BlockKey) -> bool {

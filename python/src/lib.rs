@@ -1,6 +1,8 @@
 //! The native module of the `kvmesh` Python package (`kvmesh._native`): the daemon's clients, over
 //! HTTP and gRPC, with the GIL released while they wait on the network.
 
+mod store;
+
 use pyo3::exceptions::{PyConnectionError, PyException, PyValueError};
 use pyo3::prelude::*;
 
@@ -289,6 +291,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KvmeshError", m.py().get_type::<KvmeshError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<IndexClient>()?;
+    m.add_class::<store::BlockStore>()?;
     m.add_class::<EngineScore>()?;
     m.add_class::<EngineStatus>()?;
     Ok(())

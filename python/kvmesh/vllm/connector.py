@@ -1,0 +1,513 @@
+"""``KvmeshConnector``: vLLM KV-cache offload to kvmesh's tiered store, and reload from it.
+
+What it does, per engine:
+
+* **Offload.** Every full block the engine computes is copied into a kvmesh ``BlockStore`` (host
+  memory, and a local disk tier when ``disk_path`` is set) after the step's forward pass, on a
+  background thread: the forward pass never waits for it. A request's blocks are kept by vLLM
+  until their copies are done (``request_finished`` asks vLLM to delay the free; the worker
+  reports the request in ``finished_sending`` when its copies are done), and a preemption waits
+  for in-flight copies before vLLM may reuse the blocks.
+* **Reload.** For a new request, ``get_num_new_matched_tokens`` reports how many blocks beyond
+  vLLM's own prefix-cache hit the store holds; they are copied into the blocks vLLM allocates
+  before the forward pass that needs them. A block that cannot be loaded is reported through
+  ``get_block_ids_with_load_errors`` and vLLM recomputes it (the connector sets vLLM's
+  ``kv_load_failure_policy`` to ``"recompute"`` unless ``load_failure_policy`` says ``"fail"``).
+  KV is never served from a block whose load failed.
+* **Tier events.** Every block stored in or evicted from a tier is published with vLLM's own KV
+  events (``BlockStored``/``BlockRemoved`` with medium ``CPU`` or ``STORAGE`` and vLLM's block
+  hash), so kvindex sees which engine holds which prefix on which tier.
+
+Blocks are keyed by vLLM's own block hash (which already covers the tokens of the whole prefix,
+LoRA adapter, multimodal inputs and cache salt), folded with the model, the KV layout, the dtype,
+the block size and the tensor-parallel size: two engines share store keys exactly when their KV
+bytes for a prefix are the same.
+
+Options (``kv_connector_extra_config``):
+
+``host_bytes``              host memory for blocks (default 1 GiB)
+``disk_path``               folder of a disk tier (default none)
+``disk_bytes``              capacity of the disk tier (default 10 GiB)
+``load_failure_policy``     ``"recompute"`` (default) or ``"fail"``
+``publish_tier_events``     publish tier events with vLLM's KV events (default true)
+``inject_load_failures``    make the first N block loads fail (tests of the recompute path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvmesh.vllm")
+
+GIB = 1 << 30
+
+
+@dataclass
+class Transfer:
+    """Blocks of one request to move between the store and the engine."""
+
+    req_id: str
+    keys: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class KvmeshConnectorMetadata(KVConnectorMetadata):
+    """Scheduler to workers, once per step: blocks to load before the forward pass and blocks to
+    save after it."""
+
+    loads: list[Transfer] = field(default_factory=list)
+    saves: list[Transfer] = field(default_factory=list)
+
+
+@dataclass
+class KvmeshWorkerMetadata(KVConnectorWorkerMetadata):
+    """Workers to scheduler, once per step: what changed in each worker's store."""
+
+    # (tp_rank, stored, medium, key)
+    events: list[tuple[int, bool, str, int]] = field(default_factory=list)
+    # (tp_rank, key): saves that did not make it into the store
+    failed_saves: list[tuple[int, int]] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, KvmeshWorkerMetadata)
+        return KvmeshWorkerMetadata(
+            self.events + other.events, self.failed_saves + other.failed_saves
+        )
+
+
+@dataclass
+class _Req:
+    """The scheduler's view of one request."""
+
+    request: "Request"
+    block_ids: list[int] = field(default_factory=list)
+    # Blocks below this index were loaded, saved or found already held.
+    saved_upto: int = 0
+    has_saves: bool = False
+    # Leading blocks loaded from the store for this request, by tier.
+    loaded_tiers: list[str] = field(default_factory=list)
+
+
+def _namespace(vllm_config: "VllmConfig", block_size: int) -> bytes:
+    mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
+    parts = [
+        "kvmesh-vllm-v1",
+        str(mc.model),
+        str(getattr(mc, "revision", None)),
+        str(cc.cache_dtype),
+        str(mc.dtype),
+        str(block_size),
+        str(pc.tensor_parallel_size),
+        str(cc.prefix_caching_hash_algo),
+    ]
+    return "\x1f".join(parts).encode()
+
+
+class KvmeshConnector(KVConnectorBase_V1):
+    """vLLM KV connector: offload to and reload from a kvmesh tiered store."""
+
+    _cache_hit_source = CacheHitSource.HOST
+
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: Optional["KVCacheConfig"] = None,
+    ) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        cfg = self._kv_transfer_config
+        self._opt = lambda k, d=None: cfg.get_from_extra_config(k, d)
+        groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+        if len(groups) > 1:
+            raise ValueError(
+                f"KvmeshConnector supports models with one KV-cache group; this one has {len(groups)}"
+            )
+        if vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ValueError("KvmeshConnector does not support pipeline parallelism yet")
+        self.block_size = vllm_config.cache_config.block_size
+        if groups:
+            self.block_size = groups[0].kv_cache_spec.block_size
+        self._ns_key = hashlib.blake2b(_namespace(vllm_config, self.block_size), digest_size=32).digest()
+        self._tp = vllm_config.parallel_config.tensor_parallel_size
+
+        if role == KVConnectorRole.SCHEDULER:
+            self._init_scheduler()
+        else:
+            self._init_worker()
+
+    # ---------------------------------------------------------------------------------------
+    # keys
+
+    def _key(self, block_hash: bytes) -> int:
+        return int.from_bytes(
+            hashlib.blake2b(block_hash, digest_size=8, key=self._ns_key).digest(), "little"
+        )
+
+    @staticmethod
+    def _event_hash(block_hash: bytes) -> int:
+        # vLLM's own conversion for events: the last 8 bytes, big-endian.
+        return int.from_bytes(block_hash, "big") & ((1 << 64) - 1)
+
+    # ---------------------------------------------------------------------------------------
+    # scheduler side
+
+    def _init_scheduler(self) -> None:
+        policy = self._opt("load_failure_policy", "recompute")
+        if policy not in ("recompute", "fail"):
+            raise ValueError(f"load_failure_policy must be 'recompute' or 'fail', not {policy!r}")
+        if self._kv_transfer_config.kv_load_failure_policy != policy:
+            log.info("kvmesh: kv_load_failure_policy set to %r", policy)
+            self._kv_transfer_config.kv_load_failure_policy = policy
+        self._publish = bool(self._opt("publish_tier_events", True))
+        self._reqs: dict[str, _Req] = {}
+        # key -> tp rank -> media holding it
+        self._held: dict[int, dict[int, set[str]]] = {}
+        # keys with a save in flight
+        self._pending: set[int] = set()
+        # key -> what a tier event needs to describe it
+        self._info: dict[int, tuple[int, Optional[int], list[int]]] = {}
+        self._loads: list[Transfer] = []
+        self._events: list[Any] = []
+        self._lookups: dict[str, tuple[int, list[str]]] = {}
+
+    def _tiers_of(self, key: int) -> Optional[str]:
+        ranks = self._held.get(key)
+        if not ranks or len(ranks) < self._tp:
+            return None
+        media = set.intersection(*ranks.values()) or set.union(*ranks.values())
+        return "CPU" if "CPU" in media else "STORAGE"
+
+    def get_num_new_matched_tokens(
+        self, request: "Request", num_computed_tokens: int, *args: Any, **kwargs: Any
+    ) -> tuple[Optional[int], bool]:
+        hashes = request.block_hashes
+        start = num_computed_tokens // self.block_size
+        # vLLM must compute at least the prompt's last token itself.
+        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
+        tiers: list[str] = []
+        i = start
+        while i < limit:
+            t = self._tiers_of(self._key(hashes[i]))
+            if t is None:
+                break
+            tiers.append(t)
+            i += 1
+        self._lookups[request.request_id] = (start, tiers)
+        return len(tiers) * self.block_size, False
+
+    def update_state_after_alloc(
+        self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _Req(request)
+        if num_external_tokens <= 0:
+            return
+        start, tiers = self._lookups.pop(request.request_id, (0, []))
+        n = num_external_tokens // self.block_size
+        block_ids = blocks.get_block_ids()[0]
+        hashes = request.block_hashes
+        keys = [self._key(hashes[start + j]) for j in range(n)]
+        self._loads.append(Transfer(request.request_id, keys, list(block_ids[start : start + n])))
+        st.loaded_tiers = tiers[:n]
+        st.saved_upto = max(st.saved_upto, start + n)
+
+    def get_external_cache_hit_sources(
+        self, request: "Request", num_external_tokens: int
+    ) -> dict[CacheHitSource, int]:
+        st = self._reqs.get(request.request_id)
+        if num_external_tokens == 0 or st is None or not st.loaded_tiers:
+            return super().get_external_cache_hit_sources(request, num_external_tokens)
+        host = sum(1 for t in st.loaded_tiers if t == "CPU") * self.block_size
+        out = {}
+        if host:
+            out[CacheHitSource.HOST] = host
+        if num_external_tokens - host:
+            out[CacheHitSource.DISK] = num_external_tokens - host
+        return out
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        meta = KvmeshConnectorMetadata(loads=self._loads)
+        self._loads = []
+        computed: dict[str, int] = {}
+        for nr in scheduler_output.scheduled_new_reqs:
+            st = self._reqs.get(nr.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(nr.block_ids[0])
+            computed[nr.req_id] = nr.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(
+                nr.req_id, 0
+            )
+        cr = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cr.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cr.new_block_ids[i]
+            if req_id in cr.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids is not None else []
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            computed[req_id] = cr.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens.get(
+                req_id, 0
+            )
+        for req_id, done in computed.items():
+            st = self._reqs[req_id]
+            hashes = st.request.block_hashes
+            full = min(done // self.block_size, len(hashes), len(st.block_ids))
+            keys, ids = [], []
+            tokens = st.request.all_token_ids
+            for j in range(st.saved_upto, full):
+                h = hashes[j]
+                k = self._key(h)
+                if k in self._pending or self._tiers_of(k) is not None:
+                    continue
+                keys.append(k)
+                ids.append(st.block_ids[j])
+                self._pending.add(k)
+                parent = self._event_hash(hashes[j - 1]) if j > 0 else None
+                self._info[k] = (
+                    self._event_hash(h),
+                    parent,
+                    list(tokens[j * self.block_size : (j + 1) * self.block_size]),
+                )
+            st.saved_upto = max(st.saved_upto, full)
+            if keys:
+                st.has_saves = True
+                meta.saves.append(Transfer(req_id, keys, ids))
+        return meta
+
+    def update_connector_output(self, connector_output: "KVConnectorOutput") -> None:
+        wm = connector_output.kv_connector_worker_meta
+        if not isinstance(wm, KvmeshWorkerMetadata):
+            return
+        for rank, key in wm.failed_saves:
+            self._pending.discard(key)
+        for rank, stored, medium, key in wm.events:
+            ranks = self._held.setdefault(key, {})
+            if stored:
+                ranks.setdefault(rank, set()).add(medium)
+                self._pending.discard(key)
+            else:
+                media = ranks.get(rank)
+                if media is not None:
+                    media.discard(medium)
+                    if not media:
+                        del ranks[rank]
+                if not ranks:
+                    del self._held[key]
+            if rank == 0 and self._publish:
+                self._tier_event(stored, medium, key)
+            if key not in self._held and key not in self._pending:
+                self._info.pop(key, None)
+
+    def _tier_event(self, stored: bool, medium: str, key: int) -> None:
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+        info = self._info.get(key)
+        if info is None:
+            return
+        h, parent, tokens = info
+        if stored:
+            self._events.append(
+                BlockStored(
+                    block_hashes=[h],
+                    parent_block_hash=parent,
+                    token_ids=tokens,
+                    block_size=self.block_size,
+                    lora_id=None,
+                    medium=medium,
+                    lora_name=None,
+                )
+            )
+        else:
+            self._events.append(BlockRemoved(block_hashes=[h], medium=medium))
+
+    def take_events(self):
+        ev, self._events = self._events, []
+        return ev
+
+    def request_finished(
+        self, request: "Request", block_ids: list[int]
+    ) -> tuple[bool, Optional[dict[str, Any]]]:
+        st = self._reqs.pop(request.request_id, None)
+        self._lookups.pop(request.request_id, None)
+        # Saves read the request's blocks on a worker thread: keep the blocks until the worker
+        # says they are done (it reports the request in finished_sending).
+        return (st is not None and st.has_saves), None
+
+    # ---------------------------------------------------------------------------------------
+    # worker side
+
+    def _init_worker(self) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        self._rank = get_tensor_model_parallel_rank() if self._tp > 1 else 0
+        self._store = None
+        self._caches: dict[str, torch.Tensor] = {}
+        self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-save")
+        self._lock = threading.Lock()
+        # req id -> saves in flight
+        self._inflight: dict[str, int] = defaultdict(int)
+        self._futures: list[Future] = []
+        self._requests_with_saves: set[str] = set()
+        self._finishing: set[str] = set()
+        self._failed_saves: list[tuple[int, int]] = []
+        self._load_errors: set[int] = set()
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from kvmesh._native import BlockStore
+
+        layers = []
+        page = None
+        num_blocks = None
+        seen: set[int] = set()
+        for name, t in kv_caches.items():
+            if t.data_ptr() in seen:  # layers sharing one cache (hybrid aliasing)
+                continue
+            seen.add(t.data_ptr())
+            if not t[0].is_contiguous():
+                raise ValueError(
+                    f"KvmeshConnector: layer {name}'s block page is not contiguous (shape "
+                    f"{tuple(t.shape)}, strides {t.stride()}); a block-outer KV layout is not supported"
+                )
+            p = t[0].numel() * t.element_size()
+            stride = t.stride(0) * t.element_size()
+            if page is None:
+                page, num_blocks = p, t.shape[0]
+            elif p != page or t.shape[0] != num_blocks:
+                raise ValueError("KvmeshConnector: every layer must have the same page size and block count")
+            layers.append((t.data_ptr(), stride))
+        self._caches = kv_caches  # keep the tensors alive while the store holds their addresses
+        block_bytes = page * len(layers)
+        host_bytes = int(self._opt("host_bytes", GIB))
+        disk_path = self._opt("disk_path")
+        disk_bytes = int(self._opt("disk_bytes", 10 * GIB))
+        if disk_path is not None and self._tp > 1:
+            disk_path = f"{disk_path}/tp{self._rank}"
+        self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0)
+        self._store.register_layers(layers, page, num_blocks)
+        n = int(self._opt("inject_load_failures", 0))
+        if n:
+            self._store.inject_load_failures(n)
+        log.info(
+            "kvmesh: %d layers, %d blocks of %d bytes per layer; store block %d bytes, host tier %d blocks%s",
+            len(layers),
+            num_blocks,
+            page,
+            block_bytes,
+            self._store.host_capacity_blocks,
+            f", disk tier in {disk_path}" if disk_path else "",
+        )
+
+    @property
+    def store(self):
+        """The worker's ``kvmesh.BlockStore`` (None before ``register_kv_caches``)."""
+        return self._store
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvmeshConnectorMetadata)
+        if not meta.loads or self._store is None:
+            for t in meta.loads:
+                self._load_errors.update(t.block_ids)
+            return
+        for t in meta.loads:
+            ok = self._store.load(t.keys, t.block_ids)
+            for b, good in zip(t.block_ids, ok):
+                if not good:
+                    self._load_errors.add(b)
+        if self._load_errors:
+            log.warning("kvmesh: %d block loads failed; vLLM recomputes them", len(self._load_errors))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # loads complete in start_load_kv, before the forward pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return  # whole blocks are saved after the forward pass (wait_for_save)
+
+    def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvmeshConnectorMetadata) or not meta.saves or self._store is None:
+            return
+        for t in meta.saves:
+            with self._lock:
+                self._inflight[t.req_id] += 1
+                self._requests_with_saves.add(t.req_id)
+            self._futures.append(self._saver.submit(self._save, t))
+
+    def _save(self, t: Transfer) -> None:
+        try:
+            failed = self._store.save(t.keys, t.block_ids)
+        except Exception as e:  # never lose track of the request: count it done, keys failed
+            log.error("kvmesh: saving %d blocks of %s failed: %s", len(t.keys), t.req_id, e)
+            failed = t.keys
+        with self._lock:
+            self._failed_saves.extend((self._rank, k) for k in failed)
+            self._inflight[t.req_id] -= 1
+            if self._inflight[t.req_id] == 0:
+                del self._inflight[t.req_id]
+
+    def _wait_saves(self) -> None:
+        futures, self._futures = self._futures, []
+        for f in futures:
+            f.result()
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        # A preempted request's blocks are freed at once: no copy may still read them.
+        self._wait_saves()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
+        self._futures = [f for f in self._futures if not f.done()]
+        with self._lock:
+            self._finishing |= finished_req_ids & self._requests_with_saves
+            done = {r for r in self._finishing if r not in self._inflight}
+            self._finishing -= done
+            self._requests_with_saves -= done
+        return (done or None), None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errs, self._load_errors = self._load_errors, set()
+        return errs
+
+    def build_connector_worker_meta(self) -> Optional[KVConnectorWorkerMetadata]:
+        if self._store is None:
+            return None
+        events = [(self._rank, s, m, k) for (s, m, k) in self._store.take_events()]
+        with self._lock:
+            failed, self._failed_saves = self._failed_saves, []
+        if not events and not failed:
+            return None
+        return KvmeshWorkerMetadata(events, failed)
+
+    def shutdown(self) -> None:
+        if self._role == KVConnectorRole.WORKER:
+            self._wait_saves()
+            self._saver.shutdown(wait=True)
+            if self._store is not None:
+                self._store.flush()

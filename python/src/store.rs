@@ -1,0 +1,319 @@
+//! `kvmesh.BlockStore`: kvstore's tiered store (host memory, optionally a local disk) driven from
+//! Python, with the copies between an engine's KV pages and the store done in Rust, the GIL
+//! released.
+//!
+//! The engine's KV cache is registered once as a list of layers, each a base address and a
+//! stride between consecutive blocks (vLLM's layer-outer layouts: block `b` of layer `l` starts
+//! at `base[l] + b * stride[l]`), all with pages of the same size. One store block is every
+//! layer's page of one engine block, layer after layer (see kvstore's crate documentation).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use kvindex::{BlockKey, KvEvent, Medium};
+use kvstore::{DiskConfig, HostConfig, StoreConfig, StoreError, TierEvents, TierKind, TieredStore};
+
+/// Where the engine's KV pages are.
+struct Layout {
+    /// Per layer: base address and bytes between consecutive blocks.
+    layers: Vec<(usize, usize)>,
+    page: usize,
+    num_blocks: usize,
+}
+
+impl Layout {
+    fn check(&self, block: u64) -> Result<usize, StoreError> {
+        let b = block as usize;
+        if b >= self.num_blocks {
+            return Err(StoreError::Invalid(format!(
+                "block id {block} is outside the registered {} blocks",
+                self.num_blocks
+            )));
+        }
+        Ok(b)
+    }
+}
+
+/// A tiered store of KV blocks (host memory, and a disk tier when `disk_path` is given).
+///
+/// Blocks are `block_bytes` long and addressed by 64-bit keys. `save` and `load` move blocks
+/// between the store and the KV pages registered with `register_layers`; both release the GIL.
+#[pyclass(module = "kvmesh", frozen)]
+pub struct BlockStore {
+    store: TieredStore,
+    events: Arc<TierEvents>,
+    layout: RwLock<Option<Layout>>,
+    /// Loads still to fail on purpose (fault injection for tests of the recompute path).
+    fail_loads: AtomicU64,
+}
+
+fn err(e: StoreError) -> PyErr {
+    match e {
+        StoreError::Invalid(m) => PyValueError::new_err(m),
+        other => PyRuntimeError::new_err(format!("kvstore: {other}")),
+    }
+}
+
+fn tier_name(t: TierKind) -> &'static str {
+    match t {
+        TierKind::Host => "host",
+        TierKind::Disk => "disk",
+        TierKind::Remote(_) => "remote",
+    }
+}
+
+#[pymethods]
+impl BlockStore {
+    /// A store of `host_bytes` of host memory for blocks of `block_bytes`, and a disk tier of
+    /// `disk_bytes` in the folder `disk_path` when it is given (blocks are written down to it in
+    /// the background and survive restarts).
+    #[new]
+    #[pyo3(signature = (block_bytes, host_bytes, disk_path=None, disk_bytes=0, lock_memory=false))]
+    fn new(
+        block_bytes: usize,
+        host_bytes: u64,
+        disk_path: Option<String>,
+        disk_bytes: u64,
+        lock_memory: bool,
+    ) -> PyResult<Self> {
+        if block_bytes == 0 {
+            return Err(PyValueError::new_err("block_bytes must be positive"));
+        }
+        let mut host = HostConfig::new(host_bytes, block_bytes);
+        host.lock_memory = lock_memory;
+        let mut cfg = StoreConfig::new(host);
+        if let Some(dir) = disk_path {
+            if disk_bytes < block_bytes as u64 {
+                return Err(PyValueError::new_err(format!(
+                    "disk_bytes ({disk_bytes}) holds no block of {block_bytes} bytes"
+                )));
+            }
+            cfg.disk = Some(DiskConfig::new(dir, disk_bytes, block_bytes));
+        }
+        let events = Arc::new(TierEvents::buffered(1 << 20));
+        cfg.events = Some(events.clone());
+        let store = TieredStore::new(cfg).map_err(err)?;
+        Ok(BlockStore {
+            store,
+            events,
+            layout: RwLock::new(None),
+            fail_loads: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes of one block.
+    #[getter]
+    fn block_bytes(&self) -> usize {
+        self.store.block_bytes()
+    }
+
+    /// Blocks the host tier holds at most.
+    #[getter]
+    fn host_capacity_blocks(&self) -> usize {
+        self.store.host().capacity_blocks()
+    }
+
+    /// Registers the engine's KV pages: `layers` is a list of `(base_address, block_stride)`,
+    /// one per layer, each block's page `page_bytes` long, `num_blocks` blocks per layer. The
+    /// memory must stay valid (the caller keeps the tensors alive) for as long as this store
+    /// saves or loads blocks.
+    fn register_layers(
+        &self,
+        layers: Vec<(usize, usize)>,
+        page_bytes: usize,
+        num_blocks: usize,
+    ) -> PyResult<()> {
+        if layers.is_empty() || page_bytes == 0 || num_blocks == 0 {
+            return Err(PyValueError::new_err(
+                "register_layers needs at least one layer, one block and a positive page size",
+            ));
+        }
+        if layers.len() * page_bytes != self.store.block_bytes() {
+            return Err(PyValueError::new_err(format!(
+                "{} layers of {page_bytes}-byte pages make {} bytes per block, the store's blocks are {}",
+                layers.len(),
+                layers.len() * page_bytes,
+                self.store.block_bytes()
+            )));
+        }
+        for (i, &(base, stride)) in layers.iter().enumerate() {
+            if base == 0 || stride < page_bytes {
+                return Err(PyValueError::new_err(format!(
+                    "layer {i}: base {base:#x}, stride {stride} (a stride shorter than the page of {page_bytes} bytes)"
+                )));
+            }
+        }
+        *self.layout.write() = Some(Layout {
+            layers,
+            page: page_bytes,
+            num_blocks,
+        });
+        Ok(())
+    }
+
+    /// Copies engine blocks `block_ids` into the store under `keys` (pairwise). Returns the keys
+    /// that could not be stored (an empty list when all were); a key already held counts as
+    /// stored.
+    fn save(&self, py: Python<'_>, keys: Vec<u64>, block_ids: Vec<u64>) -> PyResult<Vec<u64>> {
+        if keys.len() != block_ids.len() {
+            return Err(PyValueError::new_err("keys and block_ids differ in length"));
+        }
+        py.detach(|| {
+            let guard = self.layout.read();
+            let l = guard.as_ref().ok_or_else(not_registered)?;
+            let mut failed = Vec::new();
+            for (&k, &b) in keys.iter().zip(&block_ids) {
+                let b = l.check(b).map_err(err)?;
+                let mut gather = |dst: &mut [u8]| {
+                    for (i, &(base, stride)) in l.layers.iter().enumerate() {
+                        // SAFETY: register_layers' contract: each layer's `num_blocks` pages
+                        // of `page` bytes at `base + b * stride` are valid memory; b < num_blocks.
+                        let src = unsafe {
+                            std::slice::from_raw_parts((base + b * stride) as *const u8, l.page)
+                        };
+                        dst[i * l.page..(i + 1) * l.page].copy_from_slice(src);
+                    }
+                    Ok(())
+                };
+                if self.store.put_with(BlockKey(k), &mut gather, None).is_err() {
+                    failed.push(k);
+                }
+            }
+            Ok(failed)
+        })
+    }
+
+    /// Copies the blocks under `keys` into engine blocks `block_ids` (pairwise), from whichever
+    /// tier holds them. Returns one flag per block: `False` where the block is missing or its
+    /// load failed (that engine block then holds nothing usable and must be recomputed).
+    fn load(&self, py: Python<'_>, keys: Vec<u64>, block_ids: Vec<u64>) -> PyResult<Vec<bool>> {
+        if keys.len() != block_ids.len() {
+            return Err(PyValueError::new_err("keys and block_ids differ in length"));
+        }
+        py.detach(|| {
+            let guard = self.layout.read();
+            let l = guard.as_ref().ok_or_else(not_registered)?;
+            let mut ok = Vec::with_capacity(keys.len());
+            for (&k, &b) in keys.iter().zip(&block_ids) {
+                let b = l.check(b).map_err(err)?;
+                if self
+                    .fail_loads
+                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    ok.push(false);
+                    continue;
+                }
+                let data = match self.store.get(BlockKey(k)) {
+                    Ok(Some(d)) if d.len() == l.layers.len() * l.page => d,
+                    _ => {
+                        ok.push(false);
+                        continue;
+                    }
+                };
+                for (i, &(base, stride)) in l.layers.iter().enumerate() {
+                    // SAFETY: as in `save`; the engine does not touch a block being loaded.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut((base + b * stride) as *mut u8, l.page)
+                    };
+                    dst.copy_from_slice(&data[i * l.page..(i + 1) * l.page]);
+                }
+                ok.push(true);
+            }
+            Ok(ok)
+        })
+    }
+
+    /// Stores raw bytes (exactly one block) under `key`.
+    fn put(&self, py: Python<'_>, key: u64, data: &[u8]) -> PyResult<()> {
+        py.detach(|| self.store.put(BlockKey(key), data, None))
+            .map_err(err)
+    }
+
+    /// The bytes under `key`, or `None`.
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        key: u64,
+    ) -> PyResult<Option<Bound<'py, pyo3::types::PyBytes>>> {
+        let got = py.detach(|| self.store.get(BlockKey(key))).map_err(err)?;
+        Ok(got.map(|b| pyo3::types::PyBytes::new(py, &b)))
+    }
+
+    /// The tier (`"host"` or `"disk"`) of each leading block of `keys` the store holds, without
+    /// loading anything: its length is the number of leading blocks available.
+    fn lookup(&self, py: Python<'_>, keys: Vec<u64>) -> Vec<&'static str> {
+        let keys: Vec<BlockKey> = keys.into_iter().map(BlockKey).collect();
+        py.detach(|| self.store.lookup(&keys, false))
+            .tiers
+            .into_iter()
+            .map(tier_name)
+            .collect()
+    }
+
+    /// Makes the next `n` block loads fail, as a failing tier would (for tests of the recompute
+    /// path).
+    fn inject_load_failures(&self, n: u64) {
+        self.fail_loads.store(n, Relaxed);
+    }
+
+    /// Waits until every block queued for the disk tier is written.
+    fn flush(&self, py: Python<'_>) {
+        py.detach(|| self.store.flush())
+    }
+
+    /// Tier changes since the last call: `(stored, medium, key)` tuples in order, `stored` True
+    /// for a block stored on `medium` (`"CPU"` or `"STORAGE"`), False for one removed.
+    fn take_events(&self) -> Vec<(bool, String, u64)> {
+        let mut out = Vec::new();
+        for ev in self.events.take_events() {
+            let (stored, medium, hashes) = match ev {
+                KvEvent::BlockStored(s) => (true, s.medium, s.block_hashes),
+                KvEvent::BlockRemoved(r) => (false, r.medium, r.block_hashes),
+                _ => continue,
+            };
+            let medium = medium.as_ref().map_or("CPU", Medium::as_str).to_string();
+            for h in hashes {
+                out.push((stored, medium.clone(), h.0));
+            }
+        }
+        out
+    }
+
+    /// Counters per tier (`host`, `disk`) and of the write-behind pipeline, as a dict of dicts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.store.stats();
+        let out = PyDict::new(py);
+        let mut tiers = vec![s.host];
+        tiers.extend(s.disk);
+        for t in tiers {
+            let d = PyDict::new(py);
+            d.set_item("hits", t.hits)?;
+            d.set_item("misses", t.misses)?;
+            d.set_item("stores", t.stores)?;
+            d.set_item("dedup", t.dedup)?;
+            d.set_item("evictions", t.evictions)?;
+            d.set_item("errors", t.errors)?;
+            d.set_item("corrupt", t.corrupt)?;
+            d.set_item("bytes_read", t.bytes_read)?;
+            d.set_item("bytes_written", t.bytes_written)?;
+            d.set_item("blocks", t.blocks)?;
+            out.set_item(t.tier, d)?;
+        }
+        let p = PyDict::new(py);
+        p.set_item("written", s.pipeline.written)?;
+        p.set_item("write_errors", s.pipeline.write_errors)?;
+        p.set_item("promotions", s.pipeline.promotions)?;
+        out.set_item("pipeline", p)?;
+        Ok(out)
+    }
+}
+
+fn not_registered() -> PyErr {
+    PyRuntimeError::new_err("register_layers was not called: the store does not know the KV pages")
+}

@@ -1,0 +1,181 @@
+"""kvmesh.vllm.KvmeshConnector on real vLLM engines (the CPU build, the tiny random-weight test
+model from tests/vllm), greedy decoding throughout.
+
+Two engines are started once for the module: one plain, one with the connector (a small host tier
+backed by a disk tier). vLLM's own prefix cache is emptied between the steps of a test with its
+dev endpoint ``POST /reset_prefix_cache`` (the connector's store is kept), so a repeated prompt
+can only be served from kvstore.
+"""
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "vllm"))
+
+from engine import Engine, free_port, http_post_json  # noqa: E402
+
+BLOCK = 32  # tokens per vLLM block (the engines' --block-size)
+# The tiny model: 4 layers, 2 KV heads, head size 64, bf16: 4 * 2 * 32 * 128 * 2 bytes per block.
+BLOCK_BYTES = 4 * 2 * BLOCK * 128 * 2
+HOST_BLOCKS = 16
+
+
+def connector_config(disk_path: str, **extra) -> str:
+    cfg = {
+        "kv_connector": "KvmeshConnector",
+        "kv_connector_module_path": "kvmesh.vllm",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "host_bytes": HOST_BLOCKS * BLOCK_BYTES,
+            "disk_path": disk_path,
+            "disk_bytes": 64 << 20,
+            **extra,
+        },
+    }
+    return json.dumps(cfg)
+
+
+@pytest.fixture(scope="module")
+def disk_dir():
+    with tempfile.TemporaryDirectory(prefix="kvmesh-connector-") as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def engines(disk_dir):
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    plain = Engine("plain", free_port(), free_port(), free_port(), num_blocks=48,
+                   omp_threads_bind="0", extra_env=env)
+    conn = Engine("conn", free_port(), free_port(), free_port(), num_blocks=48,
+                  omp_threads_bind="1", extra_env=env,
+                  extra_args=["--kv-transfer-config", connector_config(disk_dir)])
+    try:
+        plain.start()
+        conn.start()
+        yield plain, conn
+    finally:
+        for e in (conn, plain):
+            e.stop()
+
+
+def reset_gpu_cache(e: Engine) -> None:
+    req = urllib.request.Request(f"{e.url}/reset_prefix_cache", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200, f"reset_prefix_cache answered {r.status}"
+
+
+def metric(e: Engine, name: str, **labels) -> float:
+    text = urllib.request.urlopen(f"{e.url}/metrics", timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def complete(e: Engine, prompt, max_tokens=16):
+    r = e.complete(prompt, max_tokens=max_tokens)
+    return r["choices"][0]["text"], Engine.cached_tokens(r)
+
+
+def ttft(e: Engine, prompt) -> float:
+    t = time.perf_counter()
+    e.complete(prompt, max_tokens=1)
+    return time.perf_counter() - t
+
+
+def prompts(seed, n, length):
+    rng = random.Random(seed)
+    return [[rng.randrange(10, 4000) for _ in range(length)] for _ in range(n)]
+
+
+def test_outputs_identical_with_and_without_connector(engines):
+    plain, conn = engines
+    ps = prompts(1, 4, 300) + prompts(2, 2, 700)
+    for p in ps:
+        want, _ = complete(plain, p)
+        first, _ = complete(conn, p)
+        assert first == want, "the connector changed the output of a first (uncached) request"
+    reset_gpu_cache(conn)
+    reloaded = 0
+    for p in ps:
+        want, _ = complete(plain, p)
+        got, cached = complete(conn, p)
+        reloaded += cached
+        assert got == want, "a request served from kvstore gave a different output"
+    assert reloaded > 0, "no prompt was served from kvstore after vLLM's cache was emptied"
+
+
+def test_evicted_prompt_is_served_from_kvstore_with_lower_ttft(engines):
+    plain, conn = engines
+    (p,) = prompts(3, 1, 800)
+    want, _ = complete(plain, p)
+    hits0 = metric(conn, "vllm:external_prefix_cache_hits_total")
+    host0 = metric(conn, "vllm:prompt_tokens_cached_by_source_total", source="host")
+    disk0 = metric(conn, "vllm:prompt_tokens_cached_by_source_total", source="disk")
+    first, cached = complete(conn, p)
+    assert first == want and cached == 0
+    time.sleep(0.5)  # let the background copies finish and reach the scheduler
+    reset_gpu_cache(conn)
+    got, cached = complete(conn, p)
+    assert got == want
+    # Every full block but the one holding the last prompt token ((800 - 1) // 32 blocks).
+    assert cached == (len(p) - 1) // BLOCK * BLOCK, f"cached_tokens {cached}"
+    assert metric(conn, "vllm:external_prefix_cache_hits_total") - hits0 == cached
+    # 25 blocks do not fit the 16-block host tier: the oldest come back from the disk tier.
+    host = metric(conn, "vllm:prompt_tokens_cached_by_source_total", source="host") - host0
+    disk = metric(conn, "vllm:prompt_tokens_cached_by_source_total", source="disk") - disk0
+    assert host > 0 and disk > 0 and host + disk == cached, (host, disk, cached)
+
+    # TTFT: reloading against recomputing the same length (fresh prompts), medians of 5.
+    reload, recompute = [], []
+    for i, q in enumerate(prompts(4, 5, 800)):
+        recompute.append(ttft(conn, q))
+        time.sleep(0.3)
+        reset_gpu_cache(conn)
+        reload.append(ttft(conn, q))
+    r, c = statistics.median(reload), statistics.median(recompute)
+    print(f"ttft reload {r * 1e3:.1f} ms, recompute {c * 1e3:.1f} ms")
+    assert r < c, f"reload from kvstore ({r * 1e3:.1f} ms) is not faster than recompute ({c * 1e3:.1f} ms)"
+
+
+def test_failed_load_makes_vllm_recompute(engines, disk_dir):
+    plain, conn = engines
+    (p,) = prompts(5, 1, 900)
+    want, _ = complete(plain, p)
+    assert complete(conn, p)[0] == want
+    time.sleep(0.5)
+    # Let the disk tier's writes land, then overwrite every data file: each block read from disk
+    # now fails its checksum.
+    reset_gpu_cache(conn)
+    data = sorted(Path(disk_dir).glob("kvstore.*.dat"))
+    assert data, f"no disk-tier data files in {disk_dir}"
+    time.sleep(1.0)
+    for f in data:
+        size = f.stat().st_size
+        with open(f, "r+b") as fh:
+            for off in range(0, size, 1 << 20):
+                fh.write(b"\xa5" * min(1 << 20, size - off))
+            fh.flush()
+            os.fsync(fh.fileno())
+    log0 = conn.log_tail(1 << 30)
+    got, cached = complete(conn, p)
+    assert got == want, "a failed load changed the output"
+    log1 = conn.log_tail(1 << 30)
+    assert log1.count("block loads failed") > log0.count("block loads failed"), (
+        "the connector reported no failed load to vLLM")
+    recovered = "Recovered from KV load failure"
+    assert log1.count(recovered) > log0.count(recovered), "vLLM did not recompute the failed blocks"
