@@ -217,7 +217,7 @@ typedef struct kvmesh_agent_config {
   // A peer that makes no progress for this long fails every transfer in flight on it
   // (milliseconds; 0: 10000).
   uint32_t timeout_ms;
-  // Threads of the agent's network runtime (0: 2).
+  // Threads of the agent's network runtime (0: 2; at most 1024).
   uint32_t threads;
   // Enables the same-host shared-memory backend.
   bool shm;
@@ -408,6 +408,17 @@ int32_t kvmesh_store_put(const struct kvmesh_store *store,
                          uint64_t key,
                          const uint8_t *data,
                          size_t len);
+
+// Like `kvmesh_store_put`, but fails with `KVMESH_ERR_BUSY` instead of waiting when the
+// write-behind queue (or host memory, all pinned by queued blocks) is full; the block may then
+// be in host memory only.
+//
+// # Safety
+// As for `kvmesh_store_put`.
+int32_t kvmesh_store_try_put(const struct kvmesh_store *store,
+                             uint64_t key,
+                             const uint8_t *data,
+                             size_t len);
 
 // Copies the block under `key` from the fastest tier holding it into `out` (exactly
 // `kvmesh_store_block_bytes` bytes); a block found below host memory is promoted to it.

@@ -191,6 +191,35 @@ pub unsafe extern "C" fn kvmesh_store_put(
     })
 }
 
+/// Like `kvmesh_store_put`, but fails with `KVMESH_ERR_BUSY` instead of waiting when the
+/// write-behind queue (or host memory, all pinned by queued blocks) is full; the block may then
+/// be in host memory only.
+///
+/// # Safety
+/// As for `kvmesh_store_put`.
+#[no_mangle]
+pub unsafe extern "C" fn kvmesh_store_try_put(
+    store: *const kvmesh_store,
+    key: u64,
+    data: *const u8,
+    len: usize,
+) -> i32 {
+    run(|| {
+        // SAFETY: null or live per the contract.
+        let s = unsafe { req(store, "store") }?;
+        // SAFETY: `len` readable bytes per the contract.
+        let data = unsafe { slice(data, len, "data") }?;
+        let bb = s.store.block_bytes();
+        if data.len() != bb {
+            return Err(
+                format!("data is {} bytes, the store's blocks are {bb}", data.len()).into(),
+            );
+        }
+        s.store.try_put(BlockKey(key), data, None)?;
+        Ok(KVMESH_OK)
+    })
+}
+
 /// Copies the block under `key` from the fastest tier holding it into `out` (exactly
 /// `kvmesh_store_block_bytes` bytes); a block found below host memory is promoted to it.
 /// Returns 1 when found (and writes its tier, a `KVMESH_TIER_*`, to `tier` unless null), 0 when

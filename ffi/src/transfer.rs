@@ -96,7 +96,7 @@ pub struct kvmesh_agent_config {
     /// A peer that makes no progress for this long fails every transfer in flight on it
     /// (milliseconds; 0: 10000).
     pub timeout_ms: u32,
-    /// Threads of the agent's network runtime (0: 2).
+    /// Threads of the agent's network runtime (0: 2; at most 1024).
     pub threads: u32,
     /// Enables the same-host shared-memory backend.
     pub shm: bool,
@@ -141,6 +141,9 @@ pub unsafe extern "C" fn kvmesh_agent_new(config: *const kvmesh_agent_config) ->
         }
         if c.timeout_ms > 0 {
             cfg.timeout = Duration::from_millis(u64::from(c.timeout_ms));
+        }
+        if c.threads > 1024 {
+            return Err(format!("threads {} is more than 1024", c.threads).into());
         }
         if c.threads > 0 {
             cfg.threads = c.threads as usize;

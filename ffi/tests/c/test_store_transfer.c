@@ -212,6 +212,14 @@ static void store_tests(const char *scratch, const char *redis_url) {
     CHECK(s.disk.hits >= 4 && s.promotions >= 4, "disk hits %llu", (unsigned long long)s.disk.hits);
     CHECK(kvmesh_store_get_stats(st, NULL) == KVMESH_ERR_INVALID, "null stats");
 
+    /* A put that does not wait for the write-behind queue. */
+    fill(buf, BB, 4242);
+    CHECK(kvmesh_store_try_put(st, 4242, buf, BB) == KVMESH_OK, "try_put");
+    CHECK(kvmesh_store_try_put(st, 4242, buf, 3) == KVMESH_ERR_INVALID, "try_put of a short block");
+    memset(buf, 0, BB);
+    CHECK(kvmesh_store_get(st, 4242, buf, BB, NULL) == 1 && same_as(buf, BB, 4242), "try_put's block");
+    CHECK(kvmesh_store_remove(st, 4242) == 1, "remove try_put's block");
+
     /* Remove from every tier. */
     CHECK(kvmesh_store_remove(st, keys[0]) == 1, "remove");
     CHECK(kvmesh_store_get(st, keys[0], buf, BB, NULL) == 0, "removed block");
@@ -350,6 +358,10 @@ static void transfer_tests(void) {
     CHECK(kvmesh_agent_new(&bad) == NULL, "no name");
     CHECK_ERR(KVMESH_ERR_INVALID, "name is null");
     bad.name = "x";
+    bad.threads = 100000;
+    CHECK(kvmesh_agent_new(&bad) == NULL, "too many threads");
+    CHECK_ERR(KVMESH_ERR_INVALID, "threads");
+    bad.threads = 0;
     bad.listen = "localhost";
     CHECK(kvmesh_agent_new(&bad) == NULL, "bad listen address");
     CHECK_ERR(KVMESH_ERR_INVALID, "IP:PORT");
