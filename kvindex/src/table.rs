@@ -1,20 +1,27 @@
 //! A fixed-capacity open-addressing table of `u64 → u64` that readers use without locks.
 //!
 //! One writer (serialised by the caller) and any number of concurrent readers. Every slot is a
-//! pair of atomics; readers load the key, the value, then the key again, and accept the value only
-//! if the key did not change in between, so they never see a value paired with the wrong key and
-//! never block. Linear probing; deletion writes a tombstone, except where the next slot is empty,
-//! where a run of trailing tombstones is turned back into empty slots (no key can sit behind it).
-//! Keys may repeat (a multimap): the block table keeps one slot per (key, engine group).
+//! pair of atomics. Linear probing from the first slot of a key's home bucket (one cache line).
+//! Deletion leaves no tombstones: the slots after the deleted one are shifted back into the gap
+//! (backward-shift deletion), so probes stay as short as the live load allows and the table never
+//! fills up with dead slots. Keys may repeat (a multimap): the block table keeps one slot per
+//! (key, engine group, tier); a shift never reorders the slots of one key.
 //!
-//! The table never resizes itself: the owner builds a larger (or cleaner) table with
+//! Readers take no lock. A shift moves slots, which a probe running at the same time could miss
+//! or see half-written, so the table carries a sequence counter: the writer makes it odd before a
+//! shift and even after, and a reader that saw it odd, or changed, across its probe probes again.
+//! Readers collect what they found and act on it only once the probe is known clean. Inserting
+//! into an empty slot (value first, then key) and updating a value need no retry: a reader sees
+//! the slot either before or after.
+//!
+//! The table never resizes itself: the owner builds a larger (or smaller) table with
 //! [`Table::rebuild`] and swaps it in; readers still holding the old one finish on it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 
 /// Key of an empty slot.
 pub const EMPTY: u64 = 0;
-/// Key of a deleted slot.
+/// A reserved key, never stored (tables once marked deleted slots with it); keys are above it.
 pub const TOMB: u64 = 1;
 
 struct Slot {
@@ -28,6 +35,8 @@ pub const SLOT_BYTES: usize = std::mem::size_of::<u64>() * 2;
 /// The table. See the module docs for the concurrency contract.
 pub struct Table {
     slots: SlotBuf,
+    /// Odd while the writer shifts slots; bumped by every shift (see the module docs).
+    seq: AtomicU64,
 }
 
 /// The slots' memory: zeroed (all slots empty), aligned to 2 MiB and marked for transparent huge
@@ -108,8 +117,58 @@ unsafe impl Sync for SlotBuf {}
 pub struct Occupancy {
     /// Slots holding a key.
     pub live: usize,
-    /// Slots holding a tombstone.
-    pub tombs: usize,
+}
+
+/// What a reader's probe found: `(slot index, value)` pairs, a few inline.
+pub struct Hits {
+    n: usize,
+    inline: [(usize, u64); HITS_INLINE],
+    spill: Vec<(usize, u64)>,
+}
+
+const HITS_INLINE: usize = 8;
+
+impl Hits {
+    /// An empty set of hits.
+    #[inline]
+    pub fn new() -> Self {
+        Hits {
+            n: 0,
+            inline: [(0, 0); HITS_INLINE],
+            spill: Vec::new(),
+        }
+    }
+
+    #[inline]
+    fn clear(&mut self) {
+        self.n = 0;
+        self.spill.clear();
+    }
+
+    #[inline]
+    fn push(&mut self, idx: usize, v: u64) {
+        if self.n < HITS_INLINE {
+            self.inline[self.n] = (idx, v);
+        } else {
+            self.spill.push((idx, v));
+        }
+        self.n += 1;
+    }
+
+    /// The hits, in probe order.
+    #[inline]
+    pub fn iter(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.inline[..self.n.min(HITS_INLINE)]
+            .iter()
+            .chain(self.spill.iter())
+            .copied()
+    }
+}
+
+impl Default for Hits {
+    fn default() -> Self {
+        Hits::new()
+    }
 }
 
 #[inline]
@@ -124,6 +183,7 @@ impl Table {
         const _: () = assert!(EMPTY == 0);
         Table {
             slots: SlotBuf::zeroed(capacity.max(8).next_multiple_of(BUCKET)),
+            seq: AtomicU64::new(0),
         }
     }
 
@@ -197,24 +257,65 @@ impl Table {
         let _ = slot;
     }
 
+    /// Reader: the slots holding `key`, in probe order, into `hits`; the probe stops after a
+    /// value for which `more` is false. The result is one consistent state of the table: a probe
+    /// that overlapped a shift is repeated.
+    #[inline]
+    pub fn probe(&self, key: u64, mut more: impl FnMut(u64) -> bool, hits: &mut Hits) {
+        let home = self.home(key);
+        loop {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 0 {
+                hits.clear();
+                let mut i = home;
+                for _ in 0..self.slots.len() {
+                    let s = &self.slots[i];
+                    let k = s.key.load(Ordering::Acquire);
+                    if k == EMPTY {
+                        break;
+                    }
+                    if k == key {
+                        let v = s.val.load(Ordering::Acquire);
+                        hits.push(i, v);
+                        if !more(v) {
+                            break;
+                        }
+                    }
+                    i = self.next(i);
+                }
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == s1 {
+                    return;
+                }
+            }
+            std::hint::spin_loop();
+        }
+    }
+
     /// Reader: calls `f` with the value of every slot holding `key`, until `f` returns false.
     #[inline]
     pub fn for_each(&self, key: u64, mut f: impl FnMut(u64) -> bool) {
-        self.for_each_indexed(key, |_, v| f(v));
+        let mut hits = Hits::new();
+        self.probe(key, |_| true, &mut hits);
+        for (_, v) in hits.iter() {
+            if !f(v) {
+                return;
+            }
+        }
     }
 
     /// Reader: the value of the first slot holding `key`.
     #[inline]
     pub fn get(&self, key: u64) -> Option<u64> {
-        let mut out = None;
-        self.for_each(key, |v| {
-            out = Some(v);
-            false
-        });
-        out
+        let mut hits = Hits::new();
+        self.probe(key, |_| false, &mut hits);
+        let first = hits.iter().next().map(|(_, v)| v);
+        first
     }
 
     /// Reader: tries once to replace `old` with `new` in slot `idx` if it still holds `key`.
+    /// `new` may differ from `old` only in bits whose loss or misplacement is harmless (a slot
+    /// shifted in meanwhile with the same value gets them).
     #[inline]
     pub fn try_update(&self, idx: usize, key: u64, old: u64, new: u64) {
         let s = &self.slots[idx];
@@ -222,26 +323,6 @@ impl Table {
             let _ = s
                 .val
                 .compare_exchange(old, new, Ordering::AcqRel, Ordering::Relaxed);
-        }
-    }
-
-    /// Reader: like [`Table::for_each`] but also passes the slot index.
-    #[inline]
-    pub fn for_each_indexed(&self, key: u64, mut f: impl FnMut(usize, u64) -> bool) {
-        let mut i = self.home(key);
-        for _ in 0..self.slots.len() {
-            let s = &self.slots[i];
-            let k = s.key.load(Ordering::Acquire);
-            if k == EMPTY {
-                return;
-            }
-            if k == key {
-                let v = s.val.load(Ordering::Acquire);
-                if s.key.load(Ordering::Acquire) == key && !f(i, v) {
-                    return;
-                }
-            }
-            i = self.next(i);
         }
     }
 
@@ -268,7 +349,7 @@ impl Table {
         self.slots[idx].val.load(Ordering::Relaxed)
     }
 
-    /// Writer: the key in slot `idx` (may be [`EMPTY`] or [`TOMB`]).
+    /// Writer: the key in slot `idx` (may be [`EMPTY`]).
     #[inline]
     pub fn key(&self, idx: usize) -> u64 {
         self.slots[idx].key.load(Ordering::Relaxed)
@@ -280,9 +361,15 @@ impl Table {
         self.slots[idx].val.store(val, Ordering::Release);
     }
 
+    /// Writer: the value of the first slot holding `key`.
+    #[inline]
+    pub fn lookup(&self, key: u64) -> Option<u64> {
+        self.find(key, |_| true).map(|i| self.val(i))
+    }
+
     /// Writer: one probe that finds the first slot holding `key` whose value satisfies `pred`
-    /// (`Ok(index)`), or else says where `key` would be inserted (`Err(index)`). `seen` is set
-    /// when any slot holding `key` was passed.
+    /// (`Ok(index)`), or else says where `key` would be inserted (`Err(index)`, after every slot
+    /// of `key`). `seen` is set when any slot holding `key` was passed.
     #[inline]
     pub fn find_or_vacancy(
         &self,
@@ -291,17 +378,12 @@ impl Table {
         mut pred: impl FnMut(u64) -> bool,
     ) -> Result<usize, usize> {
         let mut i = self.home(key);
-        let mut tomb = None;
         for _ in 0..self.slots.len() {
             let k = self.slots[i].key.load(Ordering::Relaxed);
             if k == EMPTY {
-                return Err(tomb.unwrap_or(i));
+                return Err(i);
             }
-            if k == TOMB {
-                if tomb.is_none() {
-                    tomb = Some(i);
-                }
-            } else if k == key {
+            if k == key {
                 *seen = true;
                 if pred(self.slots[i].val.load(Ordering::Relaxed)) {
                     return Ok(i);
@@ -309,74 +391,73 @@ impl Table {
             }
             i = self.next(i);
         }
-        Err(tomb.unwrap_or(i))
+        Err(i)
     }
 
     /// Writer: fills the vacancy `idx` returned by [`Table::find_or_vacancy`] (with no table
     /// change in between).
     #[inline]
     pub fn fill(&self, idx: usize, key: u64, val: u64, occ: &mut Occupancy) {
+        debug_assert!(key > TOMB);
         let s = &self.slots[idx];
-        if s.key.load(Ordering::Relaxed) == TOMB {
-            occ.tombs -= 1;
-        }
+        debug_assert_eq!(s.key.load(Ordering::Relaxed), EMPTY);
         // Value before key: a reader that sees the key also sees this value (Release/Acquire).
         s.val.store(val, Ordering::Release);
         s.key.store(key, Ordering::Release);
         occ.live += 1;
     }
 
-    /// Writer: inserts a new slot (duplicates allowed). The caller keeps the load below 1.
-    /// Returns the slot index.
+    /// Writer: inserts a new slot (duplicates allowed) after every slot of its key. The caller
+    /// keeps the load below 1. Returns the slot index.
     pub fn insert(&self, key: u64, val: u64, occ: &mut Occupancy) -> usize {
-        debug_assert!(key > TOMB);
-        let mut i = self.home(key);
-        let mut tomb = None;
-        for _ in 0..self.slots.len() {
-            let k = self.slots[i].key.load(Ordering::Relaxed);
-            if k == EMPTY {
-                break;
-            }
-            if k == TOMB && tomb.is_none() {
-                tomb = Some(i);
-            }
-            i = self.next(i);
-        }
-        let idx = match tomb {
-            Some(t) => {
-                occ.tombs -= 1;
-                t
-            }
-            None => i,
+        let mut seen = false;
+        let idx = match self.find_or_vacancy(key, &mut seen, |_| false) {
+            Ok(i) | Err(i) => i,
         };
-        let s = &self.slots[idx];
-        // Value before key: a reader that sees the key also sees this value (Release/Acquire).
-        s.val.store(val, Ordering::Release);
-        s.key.store(key, Ordering::Release);
-        occ.live += 1;
+        self.fill(idx, key, val, occ);
         idx
     }
 
-    /// Writer: deletes slot `idx`.
+    /// Probe distance from `from` forward to `to`.
+    #[inline]
+    fn dist(&self, from: usize, to: usize) -> usize {
+        if to >= from {
+            to - from
+        } else {
+            to + self.slots.len() - from
+        }
+    }
+
+    /// Writer: deletes slot `idx`, shifting the slots after it back into the gap where their
+    /// probes allow (slot indices after `idx`, up to the next empty slot, may change).
     pub fn remove(&self, idx: usize, occ: &mut Occupancy) {
         occ.live -= 1;
-        if self.slots[self.next(idx)].key.load(Ordering::Relaxed) != EMPTY {
-            self.slots[idx].key.store(TOMB, Ordering::Release);
-            occ.tombs += 1;
+        let mut j = self.next(idx);
+        if self.slots[j].key.load(Ordering::Relaxed) == EMPTY {
+            // Nothing to shift: readers see the slot either held or empty.
+            self.slots[idx].key.store(EMPTY, Ordering::Release);
             return;
         }
-        // Nothing probes past an empty slot, so this slot and the tombstones right before it
-        // can become empty again.
-        self.slots[idx].key.store(EMPTY, Ordering::Release);
-        let mut i = idx;
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        let mut hole = idx;
         loop {
-            i = if i == 0 { self.slots.len() - 1 } else { i - 1 };
-            if i == idx || self.slots[i].key.load(Ordering::Relaxed) != TOMB {
+            let k = self.slots[j].key.load(Ordering::Relaxed);
+            if k == EMPTY {
                 break;
             }
-            self.slots[i].key.store(EMPTY, Ordering::Release);
-            occ.tombs -= 1;
+            // The slot at `j` may move to the hole if the hole lies on its probe path.
+            if self.dist(self.home(k), j) >= self.dist(hole, j) {
+                let v = self.slots[j].val.load(Ordering::Relaxed);
+                self.slots[hole].val.store(v, Ordering::Relaxed);
+                self.slots[hole].key.store(k, Ordering::Relaxed);
+                hole = j;
+            }
+            j = self.next(j);
         }
+        self.slots[hole].key.store(EMPTY, Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
     }
 
     /// Writer: visits every live slot as `(index, key, value)`.
@@ -433,8 +514,7 @@ impl Table {
         (t, occ)
     }
 
-    /// Writer, on a table with no tombstones: inserts a slot after every slot of its key,
-    /// setting `more` on those (one probe).
+    /// Writer: inserts a slot after every slot of its key, setting `more` on those (one probe).
     fn append(&self, key: u64, val: u64, more: u64, occ: &mut Occupancy) {
         let mut i = self.home(key);
         for _ in 0..self.slots.len() {
@@ -562,7 +642,6 @@ mod tests {
         }
         let (t2, occ2) = t.rebuild(128, |_, _| true);
         assert_eq!(occ2.live, model.len());
-        assert_eq!(occ2.tombs, 0);
         for (k, v) in &model {
             assert_eq!(t2.get(*k), Some(*v));
         }
@@ -592,6 +671,106 @@ mod tests {
         });
         assert_eq!(n, 4);
         assert_eq!(t.get(10), Some(100));
+    }
+
+    #[test]
+    fn backward_shift_keeps_every_key_reachable() {
+        // A small table at high load with keys that share homes: removals shift long runs.
+        let t = Table::new(64);
+        let mut occ = Occupancy::default();
+        let mut model: Vec<(u64, u64)> = Vec::new();
+        let mut rng = 777u64;
+        for step in 0..50_000u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if model.len() < 52 && (!rng.is_multiple_of(3) || model.is_empty()) {
+                let key = 2 + (rng >> 8) % 24;
+                t.insert(key, step, &mut occ);
+                model.push((key, step));
+            } else {
+                let (key, val) = model.remove((rng >> 8) as usize % model.len());
+                let idx = t.find(key, |v| v == val).expect("a held slot is found");
+                t.remove(idx, &mut occ);
+            }
+            assert_eq!(occ.live, model.len());
+            if step % 97 == 0 {
+                for key in 2..26u64 {
+                    let mut want: Vec<u64> = model
+                        .iter()
+                        .filter(|(k, _)| *k == key)
+                        .map(|(_, v)| *v)
+                        .collect();
+                    // Slots of one key keep their insertion order through shifts.
+                    let mut got = vec![];
+                    t.for_each(key, |v| {
+                        got.push(v);
+                        true
+                    });
+                    assert_eq!(got, want, "key {key} at step {step}");
+                    want.sort();
+                    got.sort();
+                    assert_eq!(got, want);
+                }
+            }
+        }
+        let mut live = 0;
+        t.scan(|_, _, _| live += 1);
+        assert_eq!(live, model.len());
+    }
+
+    #[test]
+    fn readers_find_keys_that_stay_while_others_shift() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        // Keys 2..20 stay; keys sharing their homes come and go, so removals shift the stayers
+        // back and forth under the readers' probes.
+        let t = Arc::new(Table::new(128));
+        let mut occ = Occupancy::default();
+        for key in 2..20u64 {
+            t.insert(key, key << 32, &mut occ);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (t, stop) = (t.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut checks = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        for key in 2..20u64 {
+                            assert_eq!(t.get(key), Some(key << 32), "a staying key is found");
+                            checks += 1;
+                        }
+                        for key in 20..120u64 {
+                            t.for_each(key, |v| {
+                                assert_eq!(v >> 32, key);
+                                true
+                            });
+                        }
+                    }
+                    checks
+                })
+            })
+            .collect();
+        let mut held: Vec<Option<usize>> = vec![None; 120];
+        let mut rng = 99u64;
+        for round in 0..300_000u64 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let key = 20 + rng % 100;
+            if held[key as usize].is_some() {
+                let idx = t.find(key, |_| true).unwrap();
+                t.remove(idx, &mut occ);
+                held[key as usize] = None;
+            } else if occ.live < 100 {
+                held[key as usize] = Some(t.insert(key, (key << 32) | (round & 0xffff), &mut occ));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0);
+        }
     }
 
     #[test]

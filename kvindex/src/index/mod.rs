@@ -1055,16 +1055,11 @@ impl Writer {
     }
 
     fn resolve(&self, h: EngineHash) -> Option<u64> {
-        self.aliases.get(alias_key(h))
+        self.aliases.lookup(alias_key(h))
     }
 
     fn depth_of(&self, key: u64) -> u32 {
-        let mut d = 0;
-        self.blocks.for_each(key, |v| {
-            d = v_depth(v);
-            false
-        });
-        d
+        self.blocks.lookup(key).map_or(0, v_depth)
     }
 
     fn apply_stored(
@@ -1172,7 +1167,7 @@ impl Writer {
                 if old != key {
                     // Either a 64-bit collision between engines with different hash functions,
                     // or a dead alias (its block was dropped) being reused: keep the one in use.
-                    if self.blocks.get(old).is_some() {
+                    if self.blocks.lookup(old).is_some() {
                         self.stats.alias_conflicts += 1;
                     } else {
                         self.aliases.set_val(idx, key);
@@ -1278,7 +1273,7 @@ impl Writer {
         let nv = v & !bit;
         if nv as u32 == 0 {
             self.blocks.remove(idx, &mut self.blocks_occ);
-            if self.blocks.get(key).is_none() {
+            if self.blocks.lookup(key).is_none() {
                 self.distinct -= 1;
                 self.dead_aliases += 1;
             }
@@ -1295,17 +1290,22 @@ impl Writer {
         let (g, lane) = (e / LANES, e % LANES);
         let mask = lane_bit(lane);
         let mut hits = Vec::new();
-        self.blocks.scan(|idx, k, v| {
+        self.blocks.scan(|_, k, v| {
             if v_group(v) == g && v & mask != 0 {
-                hits.push((idx, k, v));
+                hits.push((k, v_class(v)));
             }
         });
-        for (idx, k, v) in hits {
+        // Removals shift slots: find each one again.
+        for (k, class) in hits {
+            let Some(idx) = self.blocks.find(k, |v| v_class(v) == class) else {
+                continue;
+            };
+            let v = self.blocks.val(idx);
             self.memberships -= 1;
             let nv = v & !mask;
             if nv as u32 == 0 {
                 self.blocks.remove(idx, &mut self.blocks_occ);
-                if self.blocks.get(k).is_none() {
+                if self.blocks.lookup(k).is_none() {
                     self.distinct -= 1;
                     self.dead_aliases += 1;
                 }
@@ -1322,21 +1322,15 @@ impl Writer {
     /// Makes room for one more block slot. Returns true if the table changed.
     fn block_room(&mut self, inner: &Inner) -> bool {
         let cap = self.blocks.capacity();
-        let used = self.blocks_occ.live + self.blocks_occ.tombs + 1;
+        let used = self.blocks_occ.live + 1;
         if (used as f64) <= MAX_LOAD * cap as f64 {
             return false;
         }
         let max = self.max_slots(&inner.config);
-        if self.blocks_occ.tombs * 4 > cap {
-            // Mostly tombstones: rebuilding at the same size is enough.
-            self.rebuild_blocks(cap);
-        } else if cap < max {
+        if cap < max {
             self.rebuild_blocks(((cap as f64 * GROWTH) as usize).min(max));
         } else {
             self.evict(inner, (EVICT_TO * cap as f64) as usize);
-            if self.blocks_occ.tombs * 8 > cap {
-                self.rebuild_blocks(cap);
-            }
         }
         true
     }
@@ -1351,7 +1345,7 @@ impl Writer {
     /// Returns true if the table changed.
     fn alias_room(&mut self, inner: &Inner) -> bool {
         let cap = self.aliases.capacity();
-        let used = self.aliases_occ.live + self.aliases_occ.tombs + 1;
+        let used = self.aliases_occ.live + 1;
         if (used as f64) <= MAX_LOAD * cap as f64 {
             return false;
         }
@@ -1381,7 +1375,7 @@ impl Writer {
         let (t, occ) = self.aliases.rebuild_prefetching(
             target,
             |_, v| blocks.prefetch(v),
-            |_, v| blocks.get(v).is_some(),
+            |_, v| blocks.lookup(v).is_some(),
         );
         self.aliases = Arc::new(t);
         self.aliases_occ = occ;
@@ -1414,7 +1408,8 @@ impl Writer {
             let excess = self.blocks_occ.live - target;
             let take = excess.min(cands.len().div_ceil(4)).max(1).min(cands.len());
             for &(_, _, idx, k, v) in &cands[..take] {
-                if self.blocks.key(idx) != k {
+                // Removals shift slots: skip a candidate that moved (or whose value changed).
+                if self.blocks.key(idx) != k || self.blocks.val(idx) != v {
                     continue;
                 }
                 let (g, t) = (v_group(v), v_tier(v));
@@ -1432,7 +1427,7 @@ impl Writer {
                     }
                 }
                 self.blocks.remove(idx, &mut self.blocks_occ);
-                if self.blocks.get(k).is_none() {
+                if self.blocks.lookup(k).is_none() {
                     self.distinct -= 1;
                     self.dead_aliases += 1;
                 }

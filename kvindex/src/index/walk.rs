@@ -2,6 +2,7 @@
 //! 32 at a time as bit masks, with the next blocks' slots prefetched ahead.
 
 use super::*;
+use crate::table::Hits;
 
 /// Per query scratch, sized to the engine slots.
 pub(super) struct Walk {
@@ -151,6 +152,7 @@ pub(super) fn walk_chain(
     let mut by_weight = [0usize, 1, 2, 3];
     by_weight.sort_by(|a, b| weights[*b].total_cmp(&weights[*a]));
     let mut ring = [0u64; RING];
+    let mut hits = Hits::new();
     // Keys computed so far; `n` shrinks to it when `key_of` ends the chain early.
     let mut produced = 0usize;
     let mut n = n;
@@ -178,7 +180,8 @@ pub(super) fn walk_chain(
             ahead += 1;
         }
         let key = ring[i % RING];
-        blocks.for_each_indexed(key, |idx, v| {
+        blocks.probe(key, |v| v & MORE != 0, &mut hits);
+        for (idx, v) in hits.iter() {
             let g = v_group(v) as usize;
             if let Some(gw) = groups.get_mut(g) {
                 let held = v as u32 & gw.active;
@@ -189,8 +192,7 @@ pub(super) fn walk_chain(
                     }
                 }
             }
-            v & MORE != 0
-        });
+        }
         let mut advanced = false;
         let mut k = 0;
         while k < live.len() {
