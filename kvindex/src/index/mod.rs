@@ -207,8 +207,10 @@ fn lane_bit(lane: u32) -> u64 {
 
 /// Load factor above which a table is grown, cleaned or evicted.
 const MAX_LOAD: f64 = 0.85;
-/// Growth factor of a table.
-const GROWTH: f64 = 1.5;
+/// A grown table starts at this load (of the slots it holds then): growth follows the live
+/// slots, not a fixed factor, so a table ends neither much larger than its contents nor rebuilt
+/// too often.
+const GROW_TO: f64 = 0.7;
 /// Eviction brings the block table down to this load.
 const EVICT_TO: f64 = 0.75;
 /// At most this many stored blocks per tick of the recency clock.
@@ -1023,6 +1025,11 @@ pub(crate) fn event_keys(
     }
 }
 
+/// The capacity a full table of `cap` slots grows to, holding `used` slots, at most `max`.
+fn grown(cap: usize, used: usize, max: usize) -> usize {
+    ((used as f64 / GROW_TO) as usize).max(cap + 64).min(max)
+}
+
 impl Writer {
     fn bytes(&self) -> usize {
         self.blocks.bytes()
@@ -1328,7 +1335,7 @@ impl Writer {
         }
         let max = self.max_slots(&inner.config);
         if cap < max {
-            self.rebuild_blocks(((cap as f64 * GROWTH) as usize).min(max));
+            self.rebuild_blocks(grown(cap, used, max));
         } else {
             self.evict(inner, (EVICT_TO * cap as f64) as usize);
         }
@@ -1350,7 +1357,7 @@ impl Writer {
             return false;
         }
         let max = self.max_slots(&inner.config);
-        let grown = ((cap as f64 * GROWTH) as usize).min(max);
+        let grown = grown(cap, used, max);
         let live_est = self.aliases_occ.live.saturating_sub(self.dead_aliases);
         if self.dead_aliases * 8 < self.aliases_occ.live && cap < max {
             // Few aliases can be dead: growing is cheaper than checking each one.
@@ -1362,7 +1369,7 @@ impl Writer {
         let mut target = cap;
         if live_est as f64 > EVICT_TO * cap as f64 {
             if cap < max {
-                target = grown;
+                target = self::grown(cap, live_est + 1, max);
             } else {
                 // At the budget with live aliases: evict blocks so their aliases can go.
                 let want = (self.blocks_occ.live as f64 * 0.8) as usize;
