@@ -38,9 +38,11 @@ token ids. ``--trace FILE`` replays a Mooncake JSONL trace's prompts instead (ea
 a block of ``--trace-block-tokens`` tokens, 64 by default: the trace's 512-token blocks scaled down
 for a CPU engine; prompts are cut at 4,000 tokens), in trace order.
 
-Five engines are started once, concurrently: plain (core 0), host (core 0), disk (core 0) for
-part 1; plain and host are reused in part 2 with plain2 and host2 (core 1). Only one engine, or
-one pair, is busy at a time. Timings on a small shared machine are noisy: medians throughout.
+Five engines are started once, concurrently: plain, host and disk on core 0 for part 1 (one
+OpenMP thread each, the connector's copies on the same core); plain and host are reused in part 2
+with plain2 and host2 on core 1. Only one engine, or one pair, is busy at a time, and part 1 leaves
+1.2 s between requests to different engines (vLLM's worker polls its queue for a second after
+each request). Timings on a small shared machine are noisy: medians throughout.
 """
 
 from __future__ import annotations
@@ -239,18 +241,40 @@ def pctl(xs: list[float], p: float) -> float:
 # part 1: TTFT
 
 
-def settle(seconds: float) -> None:
-    """Lets the connector's background copies (and the disk tier's write-behind) finish."""
-    time.sleep(seconds)
+# After a request, vLLM's worker keeps polling its message queue (busy, with sched_yield) for
+# about a second; the part-1 engines share a core, so the next request to another engine waits
+# that long, or it would compete with the poll.
+SPIN_S = 1.2
+# A connector's background copies after a request: the host tier's, the disk tier's write-behind.
+SETTLE_HOST_S = 0.3
+SETTLE_DISK_S = 1.0
 
 
-def reload_ttft(e: Engine, prompt: list[int], tier: str, settle_s: float) -> tuple[float, float]:
-    """Empties vLLM's own cache, asks `prompt` again; returns (TTFT, share of the prompt that
-    vLLM's counters say came from `tier`)."""
-    settle(settle_s)
+class Pacer:
+    """Spaces requests: SPIN_S after any request before one to another engine, `settle` seconds
+    before the next one to the same engine."""
+
+    def __init__(self) -> None:
+        self.last: tuple[Engine | None, float] = (None, 0.0)
+
+    def stream(self, e: Engine, prompt: list[int], settle: float = SETTLE_HOST_S) -> Result:
+        last, at = self.last
+        wait = at + (settle if last is e else SPIN_S) - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            return stream(e, prompt, 1)
+        finally:
+            self.last = (e, time.monotonic())
+
+
+def reload_ttft(pace: Pacer, e: Engine, prompt: list[int], tier: str, settle: float) -> tuple[float, float]:
+    """Empties vLLM's own cache, asks `prompt` again (offloaded by the previous request to `e`);
+    returns (TTFT, share of the prompt that vLLM's counters say came from `tier`)."""
+    time.sleep(settle)
     reset_prefix_cache(e)
     before = cached_by_source(e)
-    r = stream(e, prompt, 1)
+    r = pace.stream(e, prompt, settle=0.0)
     after = cached_by_source(e)
     from_tier = after[tier] - before[tier]
     return r.ttft, from_tier / len(prompt)
@@ -258,29 +282,29 @@ def reload_ttft(e: Engine, prompt: list[int], tier: str, settle_s: float) -> tup
 
 def part_ttft(plain: Engine, host: Engine, disk: Engine, reps: int, seed: int, figures: dict) -> None:
     rng = random.Random(seed)
+    pace = Pacer()
     for label, n in SIZES.items():
         recompute, miss, host_t, disk_t = [], [], [], []
         host_share, disk_share = [], []
         # Warm-up (first requests of an engine are slower): one throwaway prompt each.
         w = tokens(rng, n)
         for e in (plain, host, disk):
-            stream(e, w, 1)
+            pace.stream(e, w)
         for i in range(reps):
             p = tokens(rng, n)
-            # Never-seen prompt on the plain engine and on the connector engine, alternating
+            # A never-seen prompt on the plain engine and on the connector engine, alternating
             # which goes first.
             order = [(plain, recompute), (host, miss)]
             if i % 2:
                 order.reverse()
             for e, out in order:
-                out.append(stream(e, p, 1).ttft)
-                settle(0.2)
-            t, share = reload_ttft(host, p, "host", 0.3)
+                out.append(pace.stream(e, p).ttft)
+            t, share = reload_ttft(pace, host, p, "host", SETTLE_HOST_S)
             host_t.append(t)
             host_share.append(share)
             q = tokens(rng, n)
-            stream(disk, q, 1)
-            t, share = reload_ttft(disk, q, "disk", 1.0)
+            pace.stream(disk, q)
+            t, share = reload_ttft(pace, disk, q, "disk", SETTLE_DISK_S)
             disk_t.append(t)
             disk_share.append(share)
             log(f"{label} rep {i + 1}/{reps}: recompute {recompute[-1] * 1e3:.0f} ms, miss "
@@ -586,6 +610,7 @@ def part_chat(kv: list[Engine], base: list[Engine], args, trace, figures: dict) 
                     f"{args.clients} clients")
                 for e in engines:
                     reset_prefix_cache(e)
+                time.sleep(SPIN_S)  # the other pair's workers stop polling
                 if which == "kvmesh":
                     route = kvmesh_router(client, [e.name for e in engines])
                 else:
@@ -660,7 +685,7 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--skip-ttft", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-chat", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    for name, quick, full in (("reps", 5, 15), ("conversations", 8, 12), ("turns", 4, 6),
+    for name, quick, full in (("reps", 4, 16), ("conversations", 8, 12), ("turns", 4, 6),
                               ("trace_requests", 32, 96)):
         if getattr(a, name) is None:
             setattr(a, name, quick if a.quick else full)
