@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod proxy;
 
 use kvmesh::serve;
 
@@ -31,6 +32,9 @@ enum Command {
     /// Runs the index as a daemon: ingests vLLM KV events over ZMQ and answers score requests
     /// over HTTP and gRPC.
     Serve(serve::ServeArgs),
+    /// Disaggregated prefill/decode in front of vLLM engines running kvmesh's KV connector:
+    /// prefill on one engine, then decode on another that pulls the KV blocks over kvtransfer.
+    Proxy(proxy::ProxyArgs),
 }
 
 /// Options of `kvmesh demo`.
@@ -69,5 +73,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Demo(a) => demo::run(&a),
         Command::Serve(a) => serve::run(&a),
+        Command::Proxy(a) => proxy::run(&a),
     }
 }

@@ -2,6 +2,7 @@
 //! HTTP and gRPC, with the GIL released while they wait on the network.
 
 mod store;
+mod transfer;
 
 use pyo3::exceptions::{PyConnectionError, PyException, PyValueError};
 use pyo3::prelude::*;
@@ -292,6 +293,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<IndexClient>()?;
     m.add_class::<store::BlockStore>()?;
+    m.add_class::<transfer::TransferAgent>()?;
+    m.add_class::<transfer::Transfer>()?;
     m.add_class::<EngineScore>()?;
     m.add_class::<EngineStatus>()?;
     Ok(())

@@ -14,6 +14,15 @@ What it does, per engine:
   ``get_block_ids_with_load_errors`` and vLLM recomputes it (the connector sets vLLM's
   ``kv_load_failure_policy`` to ``"recompute"`` unless ``load_failure_policy`` says ``"fail"``).
   KV is never served from a block whose load failed.
+* **Prefill/decode.** With vLLM's NixlConnector conventions in ``kv_transfer_params``: a request
+  sent to the prefill engine with ``do_remote_decode: true`` keeps its blocks after it finishes and
+  returns the parameters a decode engine needs (``do_remote_prefill``, ``remote_block_ids``,
+  ``remote_engine_id``, ``remote_request_id``, ``remote_host``, ``remote_port``, plus kvmesh's
+  ``remote_layers``/``remote_page_bytes``). The decode engine, given them, pulls the blocks it does
+  not hold with one batched kvtransfer READ (TCP, shared memory or UCX) and notifies the prefill
+  engine, which then frees them (or after ``kv_lease_s`` if no decode engine ever reads them). A
+  failed READ is reported to vLLM as failed loads: the decode engine recomputes. ``kvmesh proxy``
+  sends requests this way.
 * **Tier events.** Every block stored in or evicted from a tier is published with vLLM's own KV
   events (``BlockStored``/``BlockRemoved`` with medium ``CPU`` or ``STORAGE`` and vLLM's block
   hash), so kvindex sees which engine holds which prefix on which tier.
@@ -31,13 +40,22 @@ Options (``kv_connector_extra_config``):
 ``load_failure_policy``     ``"recompute"`` (default) or ``"fail"``
 ``publish_tier_events``     publish tier events with vLLM's KV events (default true)
 ``inject_load_failures``    make the first N block loads fail (tests of the recompute path)
+``transfer_host``           address the engine's kvtransfer agent listens on and advertises
+                            (default ``$VLLM_HOST_IP``, else 127.0.0.1)
+``transfer_port``           its port (default 0: any free port)
+``transfer_backend``        ``auto`` (shared memory on one host, TCP across hosts), ``tcp``,
+                            ``shm`` or ``ucx``
+``kv_lease_s``              how long a prefill engine keeps blocks no decode engine has read
+                            (default 120)
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
+import math
+import os
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,10 +64,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
+from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 if TYPE_CHECKING:
@@ -61,7 +81,7 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvmesh.vllm")
+log = init_logger("kvmesh.vllm")
 
 GIB = 1 << 30
 
@@ -76,12 +96,40 @@ class Transfer:
 
 
 @dataclass
+class Recv:
+    """Blocks a decode engine pulls from a prefill engine for one request."""
+
+    req_id: str
+    local_ids: list[int]
+    remote_ids: list[int]
+    host: str
+    port: int
+    remote_request_id: str
+    remote_layers: list[tuple[int, int]]
+    page_bytes: int
+
+
+@dataclass
 class KvmeshConnectorMetadata(KVConnectorMetadata):
-    """Scheduler to workers, once per step: blocks to load before the forward pass and blocks to
-    save after it."""
+    """Scheduler to workers, once per step: blocks to load before the forward pass, blocks to
+    save after it, blocks to pull from prefill engines, and requests whose blocks this (prefill)
+    engine keeps until a decode engine has read them (request id, deadline)."""
 
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
+    recvs: list[Recv] = field(default_factory=list)
+    sends: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class KvmeshHandshake(KVConnectorHandshakeMetadata):
+    """Worker to scheduler, once: where the worker's kvtransfer agent is and its KV layout."""
+
+    host: str
+    port: int
+    agent: str
+    layers: list[tuple[int, int]]
+    page_bytes: int
 
 
 @dataclass
@@ -194,6 +242,15 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._loads: list[Transfer] = []
         self._events: list[Any] = []
         self._lookups: dict[str, tuple[int, list[str]]] = {}
+        self._handshake: Optional[KvmeshHandshake] = None
+        self._recvs: list[Recv] = []
+        self._sends: list[tuple[str, float]] = []
+        self._lease_s = float(self._opt("kv_lease_s", 120.0))
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        hs = metadata.get(0)
+        if isinstance(hs, KvmeshHandshake):
+            self._handshake = hs
 
     def _tiers_of(self, key: int) -> Optional[str]:
         ranks = self._held.get(key)
@@ -205,6 +262,12 @@ class KvmeshConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int, *args: Any, **kwargs: Any
     ) -> tuple[Optional[int], bool]:
+        params = request.kv_transfer_params
+        if params and params.get("do_remote_prefill") and params.get("remote_block_ids"):
+            # Decode side of prefill/decode: pull every prompt block the engine lacks, async.
+            count = len(request.prompt_token_ids or []) - num_computed_tokens
+            if count > 0:
+                return count, True
         hashes = request.block_hashes
         start = num_computed_tokens // self.block_size
         # vLLM must compute at least the prompt's last token itself.
@@ -226,6 +289,12 @@ class KvmeshConnector(KVConnectorBase_V1):
         st = self._reqs.get(request.request_id)
         if st is None:
             st = self._reqs[request.request_id] = _Req(request)
+        params = request.kv_transfer_params
+        if params and params.get("do_remote_prefill"):
+            self._plan_recv(request, params, blocks, num_external_tokens)
+            # One transfer per request.
+            params["do_remote_prefill"] = False
+            return
         if num_external_tokens <= 0:
             return
         start, tiers = self._lookups.pop(request.request_id, (0, []))
@@ -237,10 +306,43 @@ class KvmeshConnector(KVConnectorBase_V1):
         st.loaded_tiers = tiers[:n]
         st.saved_upto = max(st.saved_upto, start + n)
 
+    def _plan_recv(
+        self, request: "Request", params: dict, blocks: "KVCacheBlocks", num_external_tokens: int
+    ) -> None:
+        need = ("remote_block_ids", "remote_request_id", "remote_host", "remote_port",
+                "remote_layers", "remote_page_bytes")
+        missing = [k for k in need if k not in params]
+        if missing:
+            log.warning("kvmesh: request %s: kv_transfer_params lack %s; it is computed here",
+                        request.request_id, ", ".join(missing))
+            return
+        local = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
+        total = math.ceil(len(request.prompt_token_ids or []) / self.block_size)
+        remote = list(params["remote_block_ids"])[:total]
+        if len(remote) < len(local):
+            log.warning("kvmesh: request %s: the prefill engine sent %d blocks, %d are needed",
+                        request.request_id, len(remote), len(local))
+            local = local[: len(remote)]
+        remote = remote[len(remote) - len(local):] if local else []
+        self._recvs.append(
+            Recv(
+                request.request_id,
+                list(local),
+                remote,
+                str(params["remote_host"]),
+                int(params["remote_port"]),
+                str(params["remote_request_id"]),
+                [tuple(x) for x in params["remote_layers"]],
+                int(params["remote_page_bytes"]),
+            )
+        )
+
     def get_external_cache_hit_sources(
         self, request: "Request", num_external_tokens: int
     ) -> dict[CacheHitSource, int]:
         st = self._reqs.get(request.request_id)
+        if num_external_tokens and st is not None and not st.loaded_tiers:
+            return {CacheHitSource.P2P: num_external_tokens}
         if num_external_tokens == 0 or st is None or not st.loaded_tiers:
             return super().get_external_cache_hit_sources(request, num_external_tokens)
         host = sum(1 for t in st.loaded_tiers if t == "CPU") * self.block_size
@@ -252,8 +354,8 @@ class KvmeshConnector(KVConnectorBase_V1):
         return out
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = KvmeshConnectorMetadata(loads=self._loads)
-        self._loads = []
+        meta = KvmeshConnectorMetadata(loads=self._loads, recvs=self._recvs, sends=self._sends)
+        self._loads, self._recvs, self._sends = [], [], []
         computed: dict[str, int] = {}
         for nr in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(nr.req_id)
@@ -355,11 +457,48 @@ class KvmeshConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: "Request", block_ids: list[int]
     ) -> tuple[bool, Optional[dict[str, Any]]]:
+        from vllm.v1.request import RequestStatus
+
         st = self._reqs.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
         # Saves read the request's blocks on a worker thread: keep the blocks until the worker
         # says they are done (it reports the request in finished_sending).
-        return (st is not None and st.has_saves), None
+        delay = st is not None and st.has_saves
+        params = request.kv_transfer_params
+        if not params:
+            return delay, None
+        if params.get("do_remote_prefill"):
+            # A decode request finished before it was scheduled: tell the prefill engine to
+            # free its blocks (a Recv without local blocks only notifies).
+            params["do_remote_prefill"] = False
+            if "remote_host" in params and "remote_request_id" in params:
+                self._recvs.append(Recv(request.request_id, [], [], str(params["remote_host"]),
+                                        int(params["remote_port"]),
+                                        str(params["remote_request_id"]), [], 0))
+            return delay, None
+        if not params.get("do_remote_decode"):
+            return delay, None
+        if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
+            return delay, None
+        hs = self._handshake
+        if hs is None or not block_ids:
+            log.warning("kvmesh: request %s asks for remote decode but this engine has no "
+                        "kvtransfer agent", request.request_id)
+            return delay, None
+        self._sends.append((request.request_id, time.time() + self._lease_s))
+        return True, dict(
+            do_remote_prefill=True,
+            do_remote_decode=False,
+            remote_block_ids=list(block_ids),
+            remote_engine_id=self._kv_transfer_config.engine_id,
+            remote_request_id=request.request_id,
+            remote_host=hs.host,
+            remote_port=hs.port,
+            remote_layers=[list(x) for x in hs.layers],
+            remote_page_bytes=hs.page_bytes,
+            remote_num_tokens=request.num_computed_tokens,
+            tp_size=self._tp,
+        )
 
     # ---------------------------------------------------------------------------------------
     # worker side
@@ -375,10 +514,21 @@ class KvmeshConnector(KVConnectorBase_V1):
         # req id -> saves in flight
         self._inflight: dict[str, int] = defaultdict(int)
         self._futures: list[Future] = []
-        self._requests_with_saves: set[str] = set()
+        # Requests whose blocks the scheduler keeps until this worker reports them finished
+        # sending: those with saves, and (prefill side) those waiting for a decode engine's read.
+        self._delayed: set[str] = set()
         self._finishing: set[str] = set()
         self._failed_saves: list[tuple[int, int]] = []
         self._load_errors: set[int] = set()
+        self._agent = None
+        self._layers: list[tuple[int, int]] = []
+        self._page = 0
+        self._peers: dict[tuple[str, int], str] = {}
+        # decode side: req id -> (posted transfer or None if it failed to post, local block ids)
+        self._recving: dict[str, tuple[Any, list[int]]] = {}
+        # prefill side: req id -> deadline for a decode engine to read the blocks
+        self._sending: dict[str, float] = {}
+        self._read_notifs: set[str] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from kvmesh._native import BlockStore
@@ -403,7 +553,9 @@ class KvmeshConnector(KVConnectorBase_V1):
             elif p != page or t.shape[0] != num_blocks:
                 raise ValueError("KvmeshConnector: every layer must have the same page size and block count")
             layers.append((t.data_ptr(), stride))
-        self._caches = kv_caches  # keep the tensors alive while the store holds their addresses
+        self._caches = kv_caches  # keep the tensors alive while the store and agent use them
+        self._layers = layers
+        self._page = page
         block_bytes = page * len(layers)
         host_bytes = int(self._opt("host_bytes", GIB))
         disk_path = self._opt("disk_path")
@@ -412,6 +564,7 @@ class KvmeshConnector(KVConnectorBase_V1):
             disk_path = f"{disk_path}/tp{self._rank}"
         self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0)
         self._store.register_layers(layers, page, num_blocks)
+        self._start_agent(layers, page, num_blocks)
         n = int(self._opt("inject_load_failures", 0))
         if n:
             self._store.inject_load_failures(n)
@@ -425,6 +578,23 @@ class KvmeshConnector(KVConnectorBase_V1):
             f", disk tier in {disk_path}" if disk_path else "",
         )
 
+    def _start_agent(self, layers: list[tuple[int, int]], page: int, num_blocks: int) -> None:
+        from kvmesh._native import TransferAgent
+
+        host = str(self._opt("transfer_host", os.environ.get("VLLM_HOST_IP") or "127.0.0.1"))
+        port = int(self._opt("transfer_port", 0))
+        self._backend = str(self._opt("transfer_backend", "auto"))
+        name = f"{self._kv_transfer_config.engine_id}-tp{self._rank}"
+        self._agent = TransferAgent(name, f"{host}:{port}", ucx=self._backend == "ucx")
+        for base, stride in layers:
+            self._agent.register(base, stride * (num_blocks - 1) + page)
+
+    def get_handshake_metadata(self) -> Optional[KVConnectorHandshakeMetadata]:
+        if self._agent is None:
+            return None
+        host, port = self._agent.address
+        return KvmeshHandshake(host, port, self._agent.name, list(self._layers), self._page)
+
     @property
     def store(self):
         """The worker's ``kvmesh.BlockStore`` (None before ``register_kv_caches``)."""
@@ -433,6 +603,15 @@ class KvmeshConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, KvmeshConnectorMetadata)
+        for req_id, deadline in meta.sends:
+            with self._lock:
+                self._delayed.add(req_id)
+            if req_id in self._read_notifs:  # the decode engine was faster than this step
+                self._read_notifs.discard(req_id)
+            else:
+                self._sending[req_id] = deadline
+        for r in meta.recvs:
+            self._start_recv(r)
         if not meta.loads or self._store is None:
             for t in meta.loads:
                 self._load_errors.update(t.block_ids)
@@ -444,6 +623,39 @@ class KvmeshConnector(KVConnectorBase_V1):
                     self._load_errors.add(b)
         if self._load_errors:
             log.warning("kvmesh: %d block loads failed; vLLM recomputes them", len(self._load_errors))
+
+    def _peer(self, host: str, port: int) -> str:
+        name = self._peers.get((host, port))
+        if name is None:
+            name = self._peers[(host, port)] = self._agent.connect(host, port)
+        return name
+
+    def _start_recv(self, r: Recv) -> None:
+        try:
+            if self._agent is None:
+                raise RuntimeError("no kvtransfer agent (register_kv_caches was not called)")
+            peer = self._peer(r.host, r.port)
+            if not r.local_ids:
+                self._agent.send_notif(peer, r.remote_request_id.encode())
+                return
+            if r.page_bytes != self._page or len(r.remote_layers) != len(self._layers):
+                raise ValueError(
+                    f"the prefill engine's KV layout ({len(r.remote_layers)} layers of "
+                    f"{r.page_bytes}-byte pages) differs from this engine's ({len(self._layers)} "
+                    f"of {self._page})")
+            log.debug("kvmesh: pulling %d blocks of %s from %s (%s:%d)", len(r.local_ids), r.req_id,
+                      peer, r.host, r.port)
+            xfer = self._agent.transfer_blocks(
+                "read", peer, self._layers, r.remote_layers, self._page,
+                r.local_ids, r.remote_ids, notif=r.remote_request_id.encode(),
+                backend=None if self._backend == "auto" else self._backend)
+            self._recving[r.req_id] = (xfer, r.local_ids)
+        except Exception as e:
+            log.warning("kvmesh: pulling %d blocks of %s from %s:%d failed: %s; vLLM recomputes them",
+                        len(r.local_ids), r.req_id, r.host, r.port, e)
+            self._peers.pop((r.host, r.port), None)
+            if r.local_ids:
+                self._recving[r.req_id] = (None, r.local_ids)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv, before the forward pass
@@ -458,7 +670,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         for t in meta.saves:
             with self._lock:
                 self._inflight[t.req_id] += 1
-                self._requests_with_saves.add(t.req_id)
+                self._delayed.add(t.req_id)
             self._futures.append(self._saver.submit(self._save, t))
 
     def _save(self, t: Transfer) -> None:
@@ -484,12 +696,34 @@ class KvmeshConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
         self._futures = [f for f in self._futures if not f.done()]
+        # Prefill side: decode engines tell us (notification = our request id) they have read.
+        if self._agent is not None:
+            for _, msg in self._agent.get_notifs():
+                rid = msg.decode(errors="replace")
+                if self._sending.pop(rid, None) is None:
+                    self._read_notifs.add(rid)
+        now = time.time()
+        for rid, deadline in list(self._sending.items()):
+            if now > deadline:
+                log.warning("kvmesh: no decode engine read the blocks of %s in time; freeing them", rid)
+                del self._sending[rid]
+        # Decode side: finished pulls (a failed one is reported as failed loads: recompute).
+        recved = set()
+        for rid, (xfer, local) in list(self._recving.items()):
+            status = "failed: not posted" if xfer is None else xfer.status()
+            if status == "pending":
+                continue
+            if status != "done":
+                log.warning("kvmesh: pulling the blocks of %s %s; vLLM recomputes them", rid, status)
+                self._load_errors.update(local)
+            del self._recving[rid]
+            recved.add(rid)
         with self._lock:
-            self._finishing |= finished_req_ids & self._requests_with_saves
-            done = {r for r in self._finishing if r not in self._inflight}
+            self._finishing |= finished_req_ids & self._delayed
+            done = {r for r in self._finishing if r not in self._inflight and r not in self._sending}
             self._finishing -= done
-            self._requests_with_saves -= done
-        return (done or None), None
+            self._delayed -= done
+        return (done or None), (recved or None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errs, self._load_errors = self._load_errors, set()
