@@ -210,7 +210,10 @@ const MAX_LOAD: f64 = 0.85;
 /// A grown table starts at this load (of the slots it holds then): growth follows the live
 /// slots, not a fixed factor, so a table ends neither much larger than its contents nor rebuilt
 /// too often.
-const GROW_TO: f64 = 0.7;
+const GROW_TO: f64 = 0.72;
+/// A cleaned alias table is moved to one sized for its live aliases when that is smaller than
+/// this fraction of it.
+const SHRINK_BELOW: f64 = 0.9;
 /// Eviction brings the block table down to this load.
 const EVICT_TO: f64 = 0.75;
 /// At most this many stored blocks per tick of the recency clock.
@@ -1384,6 +1387,15 @@ impl Writer {
             |_, v| blocks.prefetch(v),
             |_, v| blocks.lookup(v).is_some(),
         );
+        // Far fewer were live than the table holds: move them to a table sized for them, as a
+        // grown one would be (a plain copy, no lookups).
+        let fit =
+            (((occ.live + 1) as f64 / GROW_TO) as usize).max(inner.config.initial_slots.max(64));
+        let (t, occ) = if (fit as f64) < SHRINK_BELOW * t.capacity() as f64 {
+            t.rebuild(fit, |_, _| true)
+        } else {
+            (t, occ)
+        };
         self.aliases = Arc::new(t);
         self.aliases_occ = occ;
         self.dead_aliases = 0;
