@@ -30,13 +30,17 @@ does not stay in an engine's own cache), several clients in a closed loop:
 * baseline (``baseline_`` prefix): two plain engines with the same settings, no daemon; each
   request goes to the engine with fewer requests in flight (ties alternate).
 
-Figures: ``throughput_rps`` (requests / wall time), ``ttft_p50_ms``, ``ttft_p90_ms`` (TTFT of
-every request, scoring included), and the share of prompt tokens served from cache
-(``prefix_hit_pct``). By default the conversations are synthetic: each turn is the history (a
-shared system prompt, a document, the earlier turns and their replies) plus new user text, random
-token ids. ``--trace FILE`` replays a Mooncake JSONL trace's prompts instead (each hash id becomes
-a block of ``--trace-block-tokens`` tokens, 64 by default: the trace's 512-token blocks scaled down
-for a CPU engine; prompts are cut at 4,000 tokens), in trace order.
+Two rounds, each with fresh token ids, kvmesh and baseline alternating (kvmesh, baseline, then
+baseline, kvmesh); every engine's own cache is emptied before each run. Figures, each the median of
+the two rounds: ``throughput_rps`` (requests / wall time), ``ttft_p50_ms``, ``ttft_p90_ms`` (over
+every request of the round, the routing decision included), and the share of prompt tokens served
+from cache (``prefix_hit_pct``).
+
+By default the conversations are synthetic: each turn is the history (a shared system prompt, a
+document, the earlier turns and their replies) plus new user text, random token ids. ``--trace
+FILE`` replays a Mooncake JSONL trace's prompts instead (each hash id becomes a block of
+``--trace-block-tokens`` tokens, 64 by default: the trace's 512-token blocks scaled down for a CPU
+engine; prompts are cut at 4,000 tokens), in trace order.
 
 Five engines are started once, concurrently: plain, host and disk on core 0 for part 1 (one
 OpenMP thread each, the connector's copies on the same core); plain and host are reused in part 2
