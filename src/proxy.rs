@@ -9,6 +9,9 @@
 //! back to the client unchanged. Engines are taken round-robin. Other paths (`/v1/models`,
 //! `/health`, ...) are forwarded to a decode engine.
 
+// Handlers bail out with the HTTP response to send, which is what axum wants back.
+#![allow(clippy::result_large_err)]
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;

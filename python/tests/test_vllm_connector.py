@@ -179,3 +179,54 @@ def test_failed_load_makes_vllm_recompute(engines, disk_dir):
         "the connector reported no failed load to vLLM")
     recovered = "Recovered from KV load failure"
     assert log1.count(recovered) > log0.count(recovered), "vLLM did not recompute the failed blocks"
+
+
+def kvmesh_bin() -> str:
+    path = os.environ.get("KVMESH_BIN") or str(ROOT / "target" / "debug" / "kvmesh")
+    assert os.path.exists(path), f"no kvmesh binary at {path}: run `cargo build` or set KVMESH_BIN"
+    return path
+
+
+def test_tier_events_reach_kvmesh_serve(engines):
+    """The connector's CPU/STORAGE tier events go out with vLLM's own KV events: a kvmesh daemon
+    fed by the engine sees the offloaded prefix on those tiers once vLLM dropped it from its own."""
+    import kvmesh
+
+    _, conn = engines
+    proc = subprocess.Popen(
+        [kvmesh_bin(), "serve", "--listen", "127.0.0.1:0", "--grpc-listen", "off",
+         "--model", "tiny",
+         "--engine", f"conn={conn.pub_endpoint},replay={conn.replay_endpoint}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        t = time.time()
+        while url is None:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "kvmesh serve exited"
+            if "listening on" in line:
+                url = line.split("listening on", 1)[1].strip().split()[0]
+            assert time.time() - t < 30, "kvmesh serve did not start"
+        client = kvmesh.IndexClient(url)
+        time.sleep(1.0)  # the daemon's ZMQ subscription is up before the engine publishes
+        (p,) = prompts(8, 1, 640)
+        complete(conn, p)
+        time.sleep(1.0)
+        reset_gpu_cache(conn)
+        full = len(p) // BLOCK
+        deadline = time.time() + 20
+        while True:
+            scores = {s.name: s for s in client.score("tiny", p)}
+            s = scores.get("conn")
+            # Every block on the disk tier, the newest HOST_BLOCKS also in host memory. (vLLM's
+            # own GPU copies stay indexed: its cache reset publishes no removal.)
+            if s is not None and s.storage == full and s.cpu == min(HOST_BLOCKS, full):
+                break
+            assert time.time() < deadline, (
+                f"the daemon never saw the offloaded prefix: gpu {s.gpu}, cpu {s.cpu}, storage {s.storage}"
+                if s else f"no score for the engine: {scores}")
+            time.sleep(0.2)
+        assert s.matched_blocks == full, s
+    finally:
+        proc.terminate()
+        proc.wait(10)
