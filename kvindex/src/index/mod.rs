@@ -207,9 +207,9 @@ fn lane_bit(lane: u32) -> u64 {
 
 /// Load factor above which a table is grown, cleaned or evicted.
 const MAX_LOAD: f64 = 0.85;
-/// A grown table starts at this load (of the slots it holds then): growth follows the live
-/// slots, not a fixed factor, so a table ends neither much larger than its contents nor rebuilt
-/// too often.
+/// Growth factor of a table.
+const GROWTH: f64 = 1.5;
+/// A table rebuilt for the slots it holds (a cleaned alias table) starts at this load.
 const GROW_TO: f64 = 0.72;
 /// A cleaned alias table is moved to one sized for its live aliases when that is smaller than
 /// this fraction of it.
@@ -1030,7 +1030,9 @@ pub(crate) fn event_keys(
 
 /// The capacity a full table of `cap` slots grows to, holding `used` slots, at most `max`.
 fn grown(cap: usize, used: usize, max: usize) -> usize {
-    ((used as f64 / GROW_TO) as usize).max(cap + 64).min(max)
+    ((cap as f64 * GROWTH) as usize)
+        .max((used as f64 / GROW_TO) as usize)
+        .min(max)
 }
 
 impl Writer {
