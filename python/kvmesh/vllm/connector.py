@@ -529,6 +529,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         # prefill side: req id -> deadline for a decode engine to read the blocks
         self._sending: dict[str, float] = {}
         self._read_notifs: set[str] = set()
+        self._failed_recv: set[str] = set()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from kvmesh._native import BlockStore
@@ -630,7 +631,7 @@ class KvmeshConnector(KVConnectorBase_V1):
             name = self._peers[(host, port)] = self._agent.connect(host, port)
         return name
 
-    def _start_recv(self, r: Recv) -> None:
+    def _start_recv(self, r: Recv, attempt: int = 1) -> None:
         try:
             if self._agent is None:
                 raise RuntimeError("no kvtransfer agent (register_kv_caches was not called)")
@@ -649,13 +650,17 @@ class KvmeshConnector(KVConnectorBase_V1):
                 "read", peer, self._layers, r.remote_layers, self._page,
                 r.local_ids, r.remote_ids, notif=r.remote_request_id.encode(),
                 backend=None if self._backend == "auto" else self._backend)
-            self._recving[r.req_id] = (xfer, r.local_ids)
+            self._recving[r.req_id] = (xfer, r, attempt)
         except Exception as e:
+            self._peers.pop((r.host, r.port), None)
+            if r.local_ids and attempt < 2:
+                log.info("kvmesh: pulling the blocks of %s from %s:%d: %s; reconnecting", r.req_id,
+                         r.host, r.port, e)
+                return self._start_recv(r, attempt + 1)
             log.warning("kvmesh: pulling %d blocks of %s from %s:%d failed: %s; vLLM recomputes them",
                         len(r.local_ids), r.req_id, r.host, r.port, e)
-            self._peers.pop((r.host, r.port), None)
             if r.local_ids:
-                self._recving[r.req_id] = (None, r.local_ids)
+                self._recving[r.req_id] = (None, r, attempt)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv, before the forward pass
@@ -709,14 +714,21 @@ class KvmeshConnector(KVConnectorBase_V1):
                 del self._sending[rid]
         # Decode side: finished pulls (a failed one is reported as failed loads: recompute).
         recved = set()
-        for rid, (xfer, local) in list(self._recving.items()):
+        for rid, (xfer, r, attempt) in list(self._recving.items()):
             status = "failed: not posted" if xfer is None else xfer.status()
             if status == "pending":
                 continue
-            if status != "done":
-                log.warning("kvmesh: pulling the blocks of %s %s; vLLM recomputes them", rid, status)
-                self._load_errors.update(local)
             del self._recving[rid]
+            if status != "done" and xfer is not None and attempt < 2:
+                # A connection the peer closed since the last pull: once more on a fresh one.
+                log.info("kvmesh: pulling the blocks of %s %s; retrying on a new connection", rid, status)
+                self._peers.pop((r.host, r.port), None)
+                self._start_recv(r, attempt + 1)
+                if rid in self._recving:
+                    continue
+            elif status != "done":
+                log.warning("kvmesh: pulling the blocks of %s %s; vLLM recomputes them", rid, status)
+                self._failed_recv.add(rid)
             recved.add(rid)
         with self._lock:
             self._finishing |= finished_req_ids & self._delayed
@@ -724,6 +736,18 @@ class KvmeshConnector(KVConnectorBase_V1):
             self._finishing -= done
             self._delayed -= done
         return (done or None), (recved or None)
+
+    def get_transfer_results(self, finished_req_ids: set[str]):
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
+
+        sending, recving = self.get_finished(finished_req_ids)
+        failed, self._failed_recv = self._failed_recv, set()
+        # A failed pull is reported as finished and failed: vLLM then recomputes the request.
+        return KVConnectorTransferResults(
+            finished_sending=set(sending or ()),
+            finished_recving=set(recving or ()) | failed,
+            failed_recving=failed,
+        )
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errs, self._load_errors = self._load_errors, set()
