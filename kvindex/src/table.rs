@@ -276,9 +276,13 @@ impl Table {
                     }
                     if k == key {
                         let v = s.val.load(Ordering::Acquire);
-                        hits.push(i, v);
-                        if !more(v) {
-                            break;
+                        // The slot may have been emptied and refilled (no shift, so no sequence
+                        // change) between the two loads: take the value only if the key stayed.
+                        if s.key.load(Ordering::Acquire) == key {
+                            hits.push(i, v);
+                            if !more(v) {
+                                break;
+                            }
                         }
                     }
                     i = self.next(i);
