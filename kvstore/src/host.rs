@@ -325,6 +325,28 @@ impl HostTier {
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<HostPut> {
+        self.store(key, len, fill, false).map(|(p, _)| p)
+    }
+
+    /// Like [`HostTier::put_with`], but a block it stores comes back pinned (the writer's pin is
+    /// handed over), so that no concurrent put can evict it before the pipeline has written it
+    /// down.
+    pub(crate) fn put_pinned(
+        &self,
+        key: BlockKey,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<(HostPut, Option<HostBlock>)> {
+        self.store(key, len, fill, true)
+    }
+
+    fn store(
+        &self,
+        key: BlockKey,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+        keep_pin: bool,
+    ) -> Result<(HostPut, Option<HostBlock>)> {
         self.check_len(len)?;
         let t0 = Instant::now();
         let mut evicted = Vec::new();
@@ -335,7 +357,7 @@ impl HostTier {
                     .stats
                     .dedup
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok(HostPut::Present);
+                return Ok((HostPut::Present, None));
             }
             let s = match st.free.pop() {
                 Some(s) => s,
@@ -373,11 +395,18 @@ impl HostTier {
             Ok(()) => {
                 let sl = &mut st.slots[slot as usize];
                 sl.ready = true;
-                sl.pins -= 1;
+                if !keep_pin {
+                    sl.pins -= 1;
+                }
                 st.policy.insert(slot, key);
                 drop(st);
                 self.sh.stats.write_done(len, t0);
-                Ok(HostPut::Stored { evicted })
+                let pinned = keep_pin.then(|| HostBlock {
+                    tier: self.clone(),
+                    slot,
+                    len,
+                });
+                Ok((HostPut::Stored { evicted }, pinned))
             }
             Err(e) => {
                 st.map.remove(&key);
@@ -410,24 +439,6 @@ impl HostTier {
         st.policy.touch(s);
         drop(st);
         self.sh.stats.read_done(len, t0);
-        Some(HostBlock {
-            tier: self.clone(),
-            slot: s,
-            len,
-        })
-    }
-
-    /// Pins the block under `key` without counting an access (for the pipeline's own use).
-    pub(crate) fn pin(&self, key: BlockKey) -> Option<HostBlock> {
-        let mut st = self.sh.state.lock();
-        let &s = st.map.get(&key)?;
-        let sl = &mut st.slots[s as usize];
-        if !sl.ready {
-            return None;
-        }
-        sl.pins += 1;
-        let len = sl.len as usize;
-        drop(st);
         Some(HostBlock {
             tier: self.clone(),
             slot: s,

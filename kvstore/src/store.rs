@@ -356,8 +356,17 @@ impl TieredStore {
         remote: bool,
     ) -> Result<()> {
         let core = &self.h.core;
-        let stored = loop {
-            match core.host.put_with(key, len, &mut *fill) {
+        let write_down = self.h.wb.is_some() && (core.disk.is_some() || remote);
+        let (stored, pinned) = loop {
+            // A block that goes down to lower tiers stays pinned from the moment it is stored
+            // until its writer is done: a concurrent put must not evict it before that (it would
+            // be lost from every tier).
+            let r = if write_down {
+                core.host.put_pinned(key, len, &mut *fill)
+            } else {
+                core.host.put_with(key, len, &mut *fill).map(|p| (p, None))
+            };
+            match r {
                 // Every host slot is pinned, some by blocks waiting to be written down: that is
                 // backpressure too. Wait for the writers (or refuse, for try_put).
                 Err(StoreError::AllPinned { .. }) if core.pending.load(Relaxed) > 0 => {
@@ -381,15 +390,8 @@ impl TieredStore {
                 }
             }
         }
-        let Some(wb) = &self.h.wb else {
+        let (Some(wb), Some(pinned)) = (&self.h.wb, pinned) else {
             return Ok(());
-        };
-        if core.disk.is_none() && !remote {
-            return Ok(());
-        }
-        // Pin the block for the writer (not counted as a read).
-        let Some(pinned) = core.host.pin(key) else {
-            return Ok(()); // evicted already by a concurrent put: nothing to write down
         };
         let job = WriteJob {
             key,
@@ -699,35 +701,43 @@ impl Core {
         if let Some(d) = &self.disk {
             if d.contains(key) {
                 let bb = self.host.block_bytes();
+                // The promoted block comes back pinned: a concurrent put cannot evict it
+                // between its promotion and this read.
                 let r = self
                     .host
-                    .put_with(key, bb, |dst| match d.get_into(key, dst) {
+                    .put_pinned(key, bb, |dst| match d.get_into(key, dst) {
                         Ok(true) => Ok(()),
                         Ok(false) => Err(StoreError::Invalid("__miss".into())),
                         Err(e) => Err(e),
                     });
-                match r {
-                    Ok(HostPut::Stored { evicted }) => {
+                let direct = match r {
+                    Ok((HostPut::Stored { evicted }, pinned)) => {
                         self.promoted(key, &evicted, TierKind::Disk);
-                        if let Some(b) = self.host.get(key) {
-                            return Ok(Some((b.into_bytes(), TierKind::Disk)));
+                        match pinned {
+                            Some(b) => return Ok(Some((b.into_bytes(), TierKind::Disk))),
+                            None => true,
                         }
                     }
-                    Ok(HostPut::Present) => {
-                        if let Some(b) = self.host.get(key) {
-                            return Ok(Some((b.into_bytes(), TierKind::Host)));
-                        }
+                    // Held in host memory by now (or still being filled there by a concurrent
+                    // put): take it from there if it is ready, else read it from disk.
+                    Ok((HostPut::Present, _)) => match self.host.get(key) {
+                        Some(b) => return Ok(Some((b.into_bytes(), TierKind::Host))),
+                        None => true,
+                    },
+                    Err(StoreError::Invalid(m)) if m == "__miss" => false,
+                    // No host room: serve straight from disk without promoting.
+                    Err(StoreError::AllPinned { .. }) => true,
+                    Err(e) => {
+                        err = Some(e);
+                        false
                     }
-                    Err(StoreError::Invalid(m)) if m == "__miss" => {}
-                    Err(StoreError::AllPinned { .. }) => {
-                        // No host room: serve straight from disk without promoting.
-                        match d.get(key) {
-                            Ok(Some(b)) => return Ok(Some((b, TierKind::Disk))),
-                            Ok(None) => {}
-                            Err(e) => err = Some(e),
-                        }
+                };
+                if direct {
+                    match d.get(key) {
+                        Ok(Some(b)) => return Ok(Some((b, TierKind::Disk))),
+                        Ok(None) => {}
+                        Err(e) => err = Some(e),
                     }
-                    Err(e) => err = Some(e),
                 }
             }
         }

@@ -71,14 +71,24 @@ static void *store_worker(void *arg) {
     for (int i = 0; i < PER_THREAD; i++) {
         uint64_t key = (uint64_t)(j->id * 1000 + i + 1);
         fill(b, BB, key);
-        j->bad += kvmesh_store_put(j->st, key, b, BB) != KVMESH_OK;
+        int r = kvmesh_store_put(j->st, key, b, BB);
+        if (r != KVMESH_OK) {
+            fprintf(stderr, "thread %d: put of block %llu: %d (%s)\n", j->id,
+                    (unsigned long long)key, r, kvmesh_last_error());
+            j->bad++;
+        }
     }
     /* Every thread's blocks, its own and the others' (some may still be on their way). */
     for (int t = 0; t < THREADS; t++) {
         for (int i = 0; i < PER_THREAD; i++) {
             uint64_t key = (uint64_t)(t * 1000 + i + 1);
             int r = kvmesh_store_get(j->st, key, b, BB, NULL);
-            if (r < 0 || (t == j->id && r != 1) || (r == 1 && !same_as(b, BB, key))) j->bad++;
+            if (r < 0 || (t == j->id && r != 1) || (r == 1 && !same_as(b, BB, key))) {
+                fprintf(stderr, "thread %d: get of block %llu (thread %d's): %d%s (%s)\n", j->id,
+                        (unsigned long long)key, t, r,
+                        r == 1 ? ", wrong bytes" : "", r < 0 ? kvmesh_last_error() : "");
+                j->bad++;
+            }
         }
     }
     free(b);
