@@ -158,7 +158,7 @@ fn with_netns_ucx(tag: &str, subnet: u8, ucx: bool, f: impl FnOnce(&Net) + Send)
 
 #[test]
 fn netns_random_descriptor_lists_tcp() {
-    with_netns("r", 1, |net| random_lists(net, Backend::Tcp, 2_000, 21));
+    with_netns("r", 1, |net| random_lists(net, Backend::Tcp, 10_000, 21));
 }
 
 #[test]
@@ -181,7 +181,7 @@ fn netns_restarted_peer_reconnects_tcp() {
 #[test]
 fn netns_ucx_random_lists_and_killed_target() {
     with_netns_ucx("u", 5, true, |net| {
-        random_lists(net, Backend::Ucx, 2_000, 22);
+        random_lists(net, Backend::Ucx, 10_000, 22);
         killed_target(net, Backend::Ucx);
     });
 }

@@ -21,12 +21,12 @@ fn agent(name: &str, timeout: Duration) -> Agent {
 
 #[test]
 fn random_descriptor_lists_tcp() {
-    random_lists(&Net::loopback(), Backend::Tcp, 5_000, 1);
+    random_lists(&Net::loopback(), Backend::Tcp, 10_000, 1);
 }
 
 #[test]
 fn random_descriptor_lists_shm() {
-    random_lists(&Net::loopback(), Backend::Shm, 5_000, 2);
+    random_lists(&Net::loopback(), Backend::Shm, 10_000, 2);
 }
 
 /// Notifications arrive after the data and name the sender; the side channel carries metadata.

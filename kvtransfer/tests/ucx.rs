@@ -11,7 +11,7 @@ use kvtransfer::{Agent, AgentConfig, Backend, Error};
 
 #[test]
 fn ucx_random_descriptor_lists() {
-    random_lists(&Net::loopback_ucx(), Backend::Ucx, 3_000, 31);
+    random_lists(&Net::loopback_ucx(), Backend::Ucx, 10_000, 31);
 }
 
 #[test]
