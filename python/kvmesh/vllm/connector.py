@@ -47,17 +47,20 @@ Options (``kv_connector_extra_config``):
                             ``shm`` or ``ucx``
 ``kv_lease_s``              how long a prefill engine keeps blocks no decode engine has read
                             (default 120)
+``io_cpus``                 CPUs for kvmesh's transfer and store threads (default: all; vLLM
+                            binds its worker to its OpenMP cores, whose idle spin would starve
+                            them)
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -84,6 +87,33 @@ if TYPE_CHECKING:
 log = init_logger("kvmesh.vllm")
 
 GIB = 1 << 30
+
+
+@contextmanager
+def _threads_on(cpus: Optional[set[int]]):
+    """Threads started inside run on `cpus` (None: every CPU of the machine).
+
+    vLLM's CPU worker binds its main thread to the cores of its OpenMP threads, and new threads
+    inherit that binding; the worker's idle loop spins there, which starves kvmesh's I/O threads
+    (the transfer agent's side channel, the store's writers) when they share its core: a peer's
+    hello then goes unanswered for many seconds. They are started with a wider binding instead;
+    the calling thread's own binding is restored on the way out.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    want = set(cpus) if cpus else set(range(os.cpu_count() or 1))
+    try:
+        os.sched_setaffinity(0, want)
+    except OSError as e:
+        log.warning("kvmesh: cannot run I/O threads on CPUs %s (%s); they share the worker's", sorted(want), e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @dataclass
@@ -264,10 +294,17 @@ class KvmeshConnector(KVConnectorBase_V1):
     ) -> tuple[Optional[int], bool]:
         params = request.kv_transfer_params
         if params and params.get("do_remote_prefill") and params.get("remote_block_ids"):
-            # Decode side of prefill/decode: pull every prompt block the engine lacks, async.
-            count = len(request.prompt_token_ids or []) - num_computed_tokens
+            # Decode side of prefill/decode: pull the prompt's full blocks the engine lacks, async,
+            # but not the block holding the last prompt token: that one is computed here, as for
+            # any prefix-cache hit, so the decode engine computes the prompt's tail exactly as a
+            # single engine serving a cached prefix would (a lone last token takes another
+            # attention path, whose rounding can change greedy outputs).
+            n = len(request.prompt_token_ids or [])
+            count = max(n - 1, 0) // self.block_size * self.block_size - num_computed_tokens
+            self._lookups[request.request_id] = (num_computed_tokens // self.block_size, [])
             if count > 0:
                 return count, True
+            return 0, False
         hashes = request.block_hashes
         start = num_computed_tokens // self.block_size
         # vLLM must compute at least the prompt's last token itself.
@@ -291,7 +328,8 @@ class KvmeshConnector(KVConnectorBase_V1):
             st = self._reqs[request.request_id] = _Req(request)
         params = request.kv_transfer_params
         if params and params.get("do_remote_prefill"):
-            self._plan_recv(request, params, blocks, num_external_tokens)
+            start, _ = self._lookups.pop(request.request_id, (0, []))
+            self._plan_recv(request, params, blocks, num_external_tokens, start)
             # One transfer per request.
             params["do_remote_prefill"] = False
             return
@@ -307,7 +345,8 @@ class KvmeshConnector(KVConnectorBase_V1):
         st.saved_upto = max(st.saved_upto, start + n)
 
     def _plan_recv(
-        self, request: "Request", params: dict, blocks: "KVCacheBlocks", num_external_tokens: int
+        self, request: "Request", params: dict, blocks: "KVCacheBlocks", num_external_tokens: int,
+        start: int,
     ) -> None:
         need = ("remote_block_ids", "remote_request_id", "remote_host", "remote_port",
                 "remote_layers", "remote_page_bytes")
@@ -316,14 +355,15 @@ class KvmeshConnector(KVConnectorBase_V1):
             log.warning("kvmesh: request %s: kv_transfer_params lack %s; it is computed here",
                         request.request_id, ", ".join(missing))
             return
-        local = blocks.get_unhashed_block_ids() if num_external_tokens > 0 else []
-        total = math.ceil(len(request.prompt_token_ids or []) / self.block_size)
-        remote = list(params["remote_block_ids"])[:total]
+        # Blocks start .. start + n of the prompt (those past the local prefix hit) come from the
+        # prefill engine's blocks at the same positions.
+        n = num_external_tokens // self.block_size
+        local = list(blocks.get_block_ids()[0][start : start + n])
+        remote = list(params["remote_block_ids"])[start : start + n]
         if len(remote) < len(local):
             log.warning("kvmesh: request %s: the prefill engine sent %d blocks, %d are needed",
-                        request.request_id, len(remote), len(local))
+                        request.request_id, start + len(remote), start + len(local))
             local = local[: len(remote)]
-        remote = remote[len(remote) - len(local):] if local else []
         self._recvs.append(
             Recv(
                 request.request_id,
@@ -563,9 +603,13 @@ class KvmeshConnector(KVConnectorBase_V1):
         disk_bytes = int(self._opt("disk_bytes", 10 * GIB))
         if disk_path is not None and self._tp > 1:
             disk_path = f"{disk_path}/tp{self._rank}"
-        self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0)
-        self._store.register_layers(layers, page, num_blocks)
-        self._start_agent(layers, page, num_blocks)
+        io_cpus = self._opt("io_cpus")
+        with _threads_on(set(int(c) for c in io_cpus) if io_cpus else None):
+            self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0)
+            self._store.register_layers(layers, page, num_blocks)
+            self._start_agent(layers, page, num_blocks)
+            # The saver thread starts on its first task: start it here, with the same binding.
+            self._saver.submit(lambda: None).result()
         n = int(self._opt("inject_load_failures", 0))
         if n:
             self._store.inject_load_failures(n)
