@@ -285,24 +285,24 @@ def two_hosts():
             subprocess.run(["ip", kind, "del", name], capture_output=True)
 
 
+def pd_engine(netns: str, name: str, addr: str, core: str) -> NetnsEngine:
+    """A connector engine in `netns` whose kvtransfer agent listens on `addr` (TCP)."""
+    cfg = {"kv_connector": "KvmeshConnector", "kv_connector_module_path": "kvmesh.vllm",
+           "kv_role": "kv_both",
+           "kv_connector_extra_config": {"transfer_host": addr, "transfer_backend": "tcp"}}
+    return NetnsEngine(netns, name, free_port(), free_port(), free_port(), num_blocks=48,
+                       host=addr, omp_threads_bind=core,
+                       extra_args=["--kv-transfer-config", json.dumps(cfg)])
+
+
 @pytest.fixture(scope="module")
 def pd(two_hosts, engines):
     (pns, pip), (dns, dip) = two_hosts
     started = []
     try:
         # One core each (the engines' idle loops spin on their cores).
-        p = NetnsEngine(pns, "prefill", free_port(), free_port(), free_port(), num_blocks=48,
-                        host=pip, omp_threads_bind="0", extra_args=["--kv-transfer-config", json.dumps({
-                            "kv_connector": "KvmeshConnector",
-                            "kv_connector_module_path": "kvmesh.vllm", "kv_role": "kv_both",
-                            "kv_connector_extra_config": {"transfer_host": pip,
-                                                          "transfer_backend": "tcp"}})])
-        d = NetnsEngine(dns, "decode", free_port(), free_port(), free_port(), num_blocks=48,
-                        host=dip, omp_threads_bind="1", extra_args=["--kv-transfer-config", json.dumps({
-                            "kv_connector": "KvmeshConnector",
-                            "kv_connector_module_path": "kvmesh.vllm", "kv_role": "kv_both",
-                            "kv_connector_extra_config": {"transfer_host": dip,
-                                                          "transfer_backend": "tcp"}})])
+        p = pd_engine(pns, "prefill", pip, "0")
+        d = pd_engine(dns, "decode", dip, "1")
         for e in (p, d):
             started.append(e)
             e.start()
