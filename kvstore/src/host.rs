@@ -39,6 +39,22 @@ pub struct HostConfig {
     pub lock_memory: bool,
     /// Back the arena with huge pages when available.
     pub huge_pages: bool,
+    /// Page-lock the arena and map it for the GPU (`cuMemHostRegister`), so that a GPU copy
+    /// engine moves blocks straight between the GPU and the slots at full speed.
+    pub gpu_pin: GpuPin,
+}
+
+/// Whether the host tier's arena is pinned for the GPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GpuPin {
+    /// Plain memory.
+    #[default]
+    Off,
+    /// Pinned when a GPU is present (and kvstore is built with its `cuda` feature); plain memory,
+    /// logged, otherwise.
+    IfPresent,
+    /// Pinned, or the tier is not made (the error says why).
+    Require,
 }
 
 impl HostConfig {
@@ -50,6 +66,7 @@ impl HostConfig {
             policy: PolicyKind::Lru,
             lock_memory: true,
             huge_pages: true,
+            gpu_pin: GpuPin::Off,
         }
     }
 }
@@ -77,6 +94,8 @@ pub struct ArenaInfo {
     /// Whether `mlock` succeeded.
     pub locked: bool,
     pub huge_pages: HugePages,
+    /// Whether the arena is pinned and mapped for the GPU ([`GpuPin`]).
+    pub gpu_pinned: bool,
 }
 
 // SAFETY: ArenaInfo is plain data describing the mapping; the pointer is only a description.
@@ -177,6 +196,31 @@ impl Drop for Arena {
     }
 }
 
+/// Registers the arena with GPU 0 as `pin` asks.
+#[cfg(feature = "cuda")]
+fn gpu_register(arena: &Arena, pin: GpuPin) -> Result<Option<kvstore_cuda::PinnedBuffer>> {
+    if pin == GpuPin::Off {
+        return Ok(None);
+    }
+    let registered = kvstore_cuda::Device::open(0).and_then(|dev| {
+        // SAFETY: the arena is a live mapping of `len` bytes owned by the tier, which keeps the
+        // registration in a field dropped before the arena; the copy engine is the only other
+        // writer of its slots, into slots the tier hands it.
+        unsafe { kvstore_cuda::PinnedBuffer::register(&dev, arena.ptr.as_ptr(), arena.len) }
+    });
+    match registered {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if pin == GpuPin::IfPresent && e.kind() == kvstore_cuda::ErrorKind::Unavailable => {
+            tracing::info!(reason = %e, "host tier: not pinned for the GPU");
+            Ok(None)
+        }
+        Err(e) => Err(StoreError::Invalid(format!(
+            "pinning the host tier's {} bytes for the GPU: {e}",
+            arena.len
+        ))),
+    }
+}
+
 fn thp_available() -> bool {
     std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .map(|s| s.contains("[always]") || s.contains("[madvise]"))
@@ -208,6 +252,9 @@ struct State {
 }
 
 struct Shared {
+    /// The arena's GPU registration (dropped, so unregistered, before the arena is unmapped).
+    #[cfg(feature = "cuda")]
+    pinned: Option<kvstore_cuda::PinnedBuffer>,
     arena: Arena,
     stride: usize,
     block_bytes: usize,
@@ -253,8 +300,24 @@ impl HostTier {
         }
         let len = nslots * stride;
         let arena = Arena::map(len, cfg.huge_pages, cfg.lock_memory)?;
+        #[cfg(feature = "cuda")]
+        let pinned = gpu_register(&arena, cfg.gpu_pin)?;
+        #[cfg(not(feature = "cuda"))]
+        match cfg.gpu_pin {
+            GpuPin::Off => {}
+            GpuPin::IfPresent => tracing::info!(
+                "host tier: not pinned for the GPU (kvstore was built without its cuda feature)"
+            ),
+            GpuPin::Require => {
+                return Err(StoreError::Invalid(
+                    "a GPU-pinned host tier needs kvstore's cuda feature".into(),
+                ))
+            }
+        }
         Ok(HostTier {
             sh: Arc::new(Shared {
+                #[cfg(feature = "cuda")]
+                pinned,
                 arena,
                 stride,
                 block_bytes: cfg.block_bytes,
@@ -288,7 +351,15 @@ impl HostTier {
             slot_stride: self.sh.stride,
             locked: self.sh.arena.locked,
             huge_pages: self.sh.arena.huge,
+            gpu_pinned: self.gpu_pinned(),
         }
+    }
+
+    fn gpu_pinned(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.sh.pinned.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     fn slot_ptr(&self, s: u32) -> *mut u8 {

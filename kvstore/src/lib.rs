@@ -87,7 +87,7 @@ pub mod store;
 pub use disk::{Admission, BlockHeader, DirectIo, DiskConfig, DiskPut, DiskTier, Recovery};
 pub use error::{Result, StoreError};
 pub use events::{BlockMeta, TierEvents};
-pub use host::{ArenaInfo, HostBlock, HostConfig, HostPut, HostTier, HugePages};
+pub use host::{ArenaInfo, GpuPin, HostBlock, HostConfig, HostPut, HostTier, HugePages};
 pub use kvindex::BlockKey;
 pub use policy::PolicyKind;
 pub use remote::{

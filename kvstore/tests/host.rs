@@ -3,7 +3,7 @@
 mod common;
 
 use common::content;
-use kvstore::{BlockKey, HostConfig, HostPut, HostTier, PolicyKind, StoreError};
+use kvstore::{BlockKey, GpuPin, HostConfig, HostPut, HostTier, PolicyKind, StoreError};
 use proptest::prelude::*;
 
 const BB: usize = 4096;
@@ -259,4 +259,50 @@ fn concurrent_puts_and_gets_never_see_torn_blocks() {
         }
     });
     assert!(t.len() <= 64);
+}
+
+/// `GpuPin`: off by default; `IfPresent` pins when a GPU (and the `cuda` feature) is there and
+/// otherwise leaves plain memory that still works; `Require` fails with the reason instead.
+#[test]
+fn gpu_pinning_is_asked_for_and_reported() {
+    let bb = 16 << 10;
+    let plain = HostTier::new(&HostConfig::new((8 * bb) as u64, bb)).unwrap();
+    assert!(!plain.arena().gpu_pinned);
+
+    let mut cfg = HostConfig::new((8 * bb) as u64, bb);
+    cfg.gpu_pin = GpuPin::IfPresent;
+    let t = HostTier::new(&cfg).unwrap();
+    let gpu = cfg!(feature = "cuda") && gpu_here();
+    assert_eq!(
+        t.arena().gpu_pinned,
+        gpu,
+        "pinned exactly when a GPU is usable"
+    );
+    let k = BlockKey(7);
+    t.put(k, &content(k, bb)).unwrap();
+    assert!(t.get(k).unwrap()[..] == content(k, bb)[..]);
+
+    cfg.gpu_pin = GpuPin::Require;
+    match HostTier::new(&cfg) {
+        Ok(t) => assert!(gpu && t.arena().gpu_pinned, "Require gave an unpinned tier"),
+        Err(e) => {
+            assert!(!gpu, "Require failed with a GPU present: {e}");
+            let m = e.to_string();
+            assert!(
+                m.contains("GPU") || m.contains("cuda"),
+                "unclear error: {m}"
+            );
+            eprintln!("as expected without a GPU: {m}");
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_here() -> bool {
+    kvstore::cuda::Device::open(0).is_ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_here() -> bool {
+    false
 }
