@@ -188,6 +188,14 @@ fn index_predicts_vllm_prefix_hits() {
     let grpc_url = format!("http://127.0.0.1:{grpc_port}");
     let snap = std::env::temp_dir().join(format!("kvmesh-e2e-{}.snap", std::process::id()));
     let _ = std::fs::remove_file(&snap);
+    // Removed when the test ends, pass or fail (declared before the daemon, so dropped after it).
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _snap_file = RemoveOnDrop(snap.clone());
     // The engines keep their ports across a restart: the daemon's arguments can be fixed now.
     // e1 is given by its event endpoints; e2 is discovered from its own `GET /kv_event_sources`.
     let engine_args = [
