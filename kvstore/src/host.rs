@@ -272,6 +272,17 @@ pub enum HostPut {
     Present,
 }
 
+/// What [`HostTier::put_pinned`] did.
+pub(crate) enum PinnedPut {
+    /// Stored, and pinned until `block` is dropped; these blocks were evicted to make room.
+    Stored {
+        evicted: Vec<BlockKey>,
+        block: HostBlock,
+    },
+    /// The key was already held (or being written): nothing was copied or pinned.
+    Present,
+}
+
 /// The host-memory tier. Cheap to clone; every clone is the same tier.
 #[derive(Clone)]
 pub struct HostTier {
@@ -396,7 +407,10 @@ impl HostTier {
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
     ) -> Result<HostPut> {
-        self.store(key, len, fill, false).map(|(p, _)| p)
+        Ok(match self.store(key, len, fill, false)? {
+            Some((evicted, _)) => HostPut::Stored { evicted },
+            None => HostPut::Present,
+        })
     }
 
     /// Like [`HostTier::put_with`], but a block it stores comes back pinned (the writer's pin is
@@ -407,17 +421,29 @@ impl HostTier {
         key: BlockKey,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
-    ) -> Result<(HostPut, Option<HostBlock>)> {
-        self.store(key, len, fill, true)
+    ) -> Result<PinnedPut> {
+        Ok(match self.store(key, len, fill, true)? {
+            Some((evicted, slot)) => PinnedPut::Stored {
+                evicted,
+                block: HostBlock {
+                    tier: self.clone(),
+                    slot,
+                    len,
+                },
+            },
+            None => PinnedPut::Present,
+        })
     }
 
+    /// Stores a block: `None` if the key was already held, else the evicted keys and the slot
+    /// (still pinned by the writer if `keep_pin`: the caller then owns that pin).
     fn store(
         &self,
         key: BlockKey,
         len: usize,
         fill: impl FnOnce(&mut [u8]) -> Result<()>,
         keep_pin: bool,
-    ) -> Result<(HostPut, Option<HostBlock>)> {
+    ) -> Result<Option<(Vec<BlockKey>, u32)>> {
         self.check_len(len)?;
         let t0 = Instant::now();
         let mut evicted = Vec::new();
@@ -428,7 +454,7 @@ impl HostTier {
                     .stats
                     .dedup
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return Ok((HostPut::Present, None));
+                return Ok(None);
             }
             let s = match st.free.pop() {
                 Some(s) => s,
@@ -472,12 +498,7 @@ impl HostTier {
                 st.policy.insert(slot, key);
                 drop(st);
                 self.sh.stats.write_done(len, t0);
-                let pinned = keep_pin.then(|| HostBlock {
-                    tier: self.clone(),
-                    slot,
-                    len,
-                });
-                Ok((HostPut::Stored { evicted }, pinned))
+                Ok(Some((evicted, slot)))
             }
             Err(e) => {
                 st.map.remove(&key);

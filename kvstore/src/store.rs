@@ -29,7 +29,7 @@ use parking_lot::{Condvar, Mutex};
 use crate::disk::{DiskConfig, DiskPut, DiskTier};
 use crate::error::{Result, StoreError};
 use crate::events::{BlockMeta, TierEvents};
-use crate::host::{HostConfig, HostPut, HostTier};
+use crate::host::{HostConfig, HostPut, HostTier, PinnedPut};
 use crate::remote::{BlockSource, RemoteTier};
 use crate::stats::TierStats;
 
@@ -357,14 +357,21 @@ impl TieredStore {
     ) -> Result<()> {
         let core = &self.h.core;
         let write_down = self.h.wb.is_some() && (core.disk.is_some() || remote);
-        let (stored, pinned) = loop {
+        let stored = loop {
             // A block that goes down to lower tiers stays pinned from the moment it is stored
             // until its writer is done: a concurrent put must not evict it before that (it would
             // be lost from every tier).
+            // `Some((evicted, pin))` when stored, `None` when the key was already held.
             let r = if write_down {
-                core.host.put_pinned(key, len, &mut *fill)
+                core.host.put_pinned(key, len, &mut *fill).map(|p| match p {
+                    PinnedPut::Stored { evicted, block } => Some((evicted, Some(block))),
+                    PinnedPut::Present => None,
+                })
             } else {
-                core.host.put_with(key, len, &mut *fill).map(|p| (p, None))
+                core.host.put_with(key, len, &mut *fill).map(|p| match p {
+                    HostPut::Stored { evicted } => Some((evicted, None)),
+                    HostPut::Present => None,
+                })
             };
             match r {
                 // Every host slot is pinned, some by blocks waiting to be written down: that is
@@ -381,14 +388,12 @@ impl TieredStore {
                 r => break r?,
             }
         };
-        match stored {
-            HostPut::Present => return Ok(()),
-            HostPut::Stored { evicted } => {
-                if let Some(ev) = &core.events {
-                    ev.removed(Medium::Cpu, &evicted);
-                    ev.stored(Medium::Cpu, key, meta.as_ref());
-                }
-            }
+        let Some((evicted, pinned)) = stored else {
+            return Ok(());
+        };
+        if let Some(ev) = &core.events {
+            ev.removed(Medium::Cpu, &evicted);
+            ev.stored(Medium::Cpu, key, meta.as_ref());
         }
         let (Some(wb), Some(pinned)) = (&self.h.wb, pinned) else {
             return Ok(());
@@ -711,16 +716,13 @@ impl Core {
                         Err(e) => Err(e),
                     });
                 let direct = match r {
-                    Ok((HostPut::Stored { evicted }, pinned)) => {
+                    Ok(PinnedPut::Stored { evicted, block }) => {
                         self.promoted(key, &evicted, TierKind::Disk);
-                        match pinned {
-                            Some(b) => return Ok(Some((b.into_bytes(), TierKind::Disk))),
-                            None => true,
-                        }
+                        return Ok(Some((block.into_bytes(), TierKind::Disk)));
                     }
                     // Held in host memory by now (or still being filled there by a concurrent
                     // put): take it from there if it is ready, else read it from disk.
-                    Ok((HostPut::Present, _)) => match self.host.get(key) {
+                    Ok(PinnedPut::Present) => match self.host.get(key) {
                         Some(b) => return Ok(Some((b.into_bytes(), TierKind::Host))),
                         None => true,
                     },

@@ -103,7 +103,7 @@ def _threads_on(cpus: Optional[set[int]]):
         yield
         return
     before = os.sched_getaffinity(0)
-    want = set(cpus) if cpus else set(range(os.cpu_count() or 1))
+    want = cpus or set(range(os.cpu_count() or 1))
     try:
         os.sched_setaffinity(0, want)
     except OSError as e:
@@ -289,6 +289,11 @@ class KvmeshConnector(KVConnectorBase_V1):
         media = set.intersection(*ranks.values()) or set.union(*ranks.values())
         return "CPU" if "CPU" in media else "STORAGE"
 
+    def _loadable_blocks(self, request: "Request") -> int:
+        """Full blocks of the request a connector may supply: all but the one holding its last
+        token, which vLLM always computes itself."""
+        return max(request.num_tokens - 1, 0) // self.block_size
+
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int, *args: Any, **kwargs: Any
     ) -> tuple[Optional[int], bool]:
@@ -299,16 +304,14 @@ class KvmeshConnector(KVConnectorBase_V1):
             # any prefix-cache hit, so the decode engine computes the prompt's tail exactly as a
             # single engine serving a cached prefix would (a lone last token takes another
             # attention path, whose rounding can change greedy outputs).
-            n = len(request.prompt_token_ids or [])
-            count = max(n - 1, 0) // self.block_size * self.block_size - num_computed_tokens
+            count = self._loadable_blocks(request) * self.block_size - num_computed_tokens
             self._lookups[request.request_id] = (num_computed_tokens // self.block_size, [])
             if count > 0:
                 return count, True
             return 0, False
         hashes = request.block_hashes
         start = num_computed_tokens // self.block_size
-        # vLLM must compute at least the prompt's last token itself.
-        limit = min(len(hashes), (request.num_tokens - 1) // self.block_size)
+        limit = min(len(hashes), self._loadable_blocks(request))
         tiers: list[str] = []
         i = start
         while i < limit:
@@ -604,7 +607,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         if disk_path is not None and self._tp > 1:
             disk_path = f"{disk_path}/tp{self._rank}"
         io_cpus = self._opt("io_cpus")
-        with _threads_on(set(int(c) for c in io_cpus) if io_cpus else None):
+        with _threads_on({int(c) for c in io_cpus} if io_cpus else None):
             self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0)
             self._store.register_layers(layers, page, num_blocks)
             self._start_agent(layers, page, num_blocks)
