@@ -7,10 +7,13 @@
 //! at `base[l] + b * stride[l]`), all with pages of the same size. One store block is every
 //! layer's page of one engine block, layer after layer (see kvstore's crate documentation).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -50,6 +53,9 @@ pub struct BlockStore {
     layout: RwLock<Option<Layout>>,
     /// Loads still to fail on purpose (fault injection for tests of the recompute path).
     fail_loads: AtomicU64,
+    /// Blocks pinned in the host arena for peers to read: lease id -> (expiry, pinned blocks).
+    leases: Mutex<HashMap<u64, (Instant, Vec<Bytes>)>>,
+    next_lease: AtomicU64,
 }
 
 fn err(e: StoreError) -> PyErr {
@@ -103,6 +109,8 @@ impl BlockStore {
             events,
             layout: RwLock::new(None),
             fail_loads: AtomicU64::new(0),
+            leases: Mutex::new(HashMap::new()),
+            next_lease: AtomicU64::new(1),
         })
     }
 
@@ -254,6 +262,72 @@ impl BlockStore {
             .into_iter()
             .map(tier_name)
             .collect()
+    }
+
+    /// `(address, length)` of the host tier's arena, the memory every host block lives in (for
+    /// registering it with a transfer agent, so that peers can read blocks in place).
+    fn arena(&self) -> (u64, u64) {
+        let a = self.store.host().arena();
+        (a.ptr as u64, a.len as u64)
+    }
+
+    /// Pins the leading blocks of `keys` the store holds (a block on the disk tier is brought
+    /// into host memory first) so that a peer can read them in place, for at most `ttl_s`
+    /// seconds. Returns the lease id and the arena address of each pinned block, in order; the
+    /// list stops at the first block the store lacks (lease 0 when it is empty). Expired leases
+    /// are released on the way.
+    fn lease(&self, py: Python<'_>, keys: Vec<u64>, ttl_s: f64) -> PyResult<(u64, Vec<u64>)> {
+        if !(ttl_s > 0.0 && ttl_s.is_finite()) {
+            return Err(PyValueError::new_err(format!(
+                "ttl_s must be positive, not {ttl_s}"
+            )));
+        }
+        self.expire_leases();
+        let arena = self.store.host().arena();
+        let (lo, hi) = (arena.ptr as usize, arena.ptr as usize + arena.len);
+        let pinned = py.detach(|| {
+            let mut pinned = Vec::with_capacity(keys.len());
+            for &k in &keys {
+                match self.store.get(BlockKey(k)) {
+                    // Only blocks in the arena can be read by a peer (and are pinned by `b`).
+                    Ok(Some(b))
+                        if (b.as_ptr() as usize) >= lo && b.as_ptr() as usize + b.len() <= hi =>
+                    {
+                        pinned.push(b)
+                    }
+                    _ => break,
+                }
+            }
+            pinned
+        });
+        if pinned.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let addrs = pinned.iter().map(|b| b.as_ptr() as u64).collect();
+        let id = self.next_lease.fetch_add(1, Relaxed);
+        let expiry = Instant::now() + Duration::from_secs_f64(ttl_s);
+        self.leases.lock().insert(id, (expiry, pinned));
+        Ok((id, addrs))
+    }
+
+    /// Unpins the blocks of a lease; `False` if it is unknown (already released or expired).
+    fn release(&self, lease: u64) -> bool {
+        self.leases.lock().remove(&lease).is_some()
+    }
+
+    /// Releases the leases whose time is up; returns how many.
+    fn expire_leases(&self) -> usize {
+        let now = Instant::now();
+        let mut g = self.leases.lock();
+        let before = g.len();
+        g.retain(|_, (expiry, _)| *expiry > now);
+        before - g.len()
+    }
+
+    /// Leases currently held.
+    #[getter]
+    fn leases_held(&self) -> usize {
+        self.leases.lock().len()
     }
 
     /// Makes the next `n` block loads fail, as a failing tier would (for tests of the recompute

@@ -47,6 +47,14 @@ fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
         .ok_or_else(|| PyConnectionError::new_err(format!("{host}:{port} has no address")))
 }
 
+fn parse_op(op: &str) -> PyResult<Op> {
+    match op {
+        "read" => Ok(Op::Read),
+        "write" => Ok(Op::Write),
+        o => Err(PyValueError::new_err(format!("op {o:?}: read or write"))),
+    }
+}
+
 /// Per-layer `(base, block_stride)` pairs and the page size: descriptors of whole blocks.
 fn block_descs(layers: &[(u64, u64)], page: u64, ids: &[u64]) -> DescList {
     let mut d = DescList::with_capacity(MemKind::Dram, layers.len() * ids.len());
@@ -196,11 +204,7 @@ impl TransferAgent {
         notif: Option<Vec<u8>>,
         backend: Option<&str>,
     ) -> PyResult<Transfer> {
-        let op = match op {
-            "read" => Op::Read,
-            "write" => Op::Write,
-            o => return Err(PyValueError::new_err(format!("op {o:?}: read or write"))),
-        };
+        let op = parse_op(op)?;
         if local_layers.len() != remote_layers.len() {
             return Err(PyValueError::new_err(format!(
                 "{} local layers against {} remote ones",
@@ -224,6 +228,55 @@ impl TransferAgent {
             Ok(Transfer { handle: h })
         })
         .map_err(err)
+    }
+
+    /// Reads (`op="read"`: remote into local) or writes (`op="write"`) `local[i]` against
+    /// `remote[i]`, each an `(address, length)` pair of registered memory of equal lengths. The
+    /// peer gets `notif` once the data is visible. Returns the posted transfer.
+    #[pyo3(signature = (op, remote, local, remote_regions, notif=None, backend=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn transfer(
+        &self,
+        py: Python<'_>,
+        op: &str,
+        remote: &str,
+        local: Vec<(u64, u64)>,
+        remote_regions: Vec<(u64, u64)>,
+        notif: Option<Vec<u8>>,
+        backend: Option<&str>,
+    ) -> PyResult<Transfer> {
+        let op = parse_op(op)?;
+        if local.len() != remote_regions.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} local regions against {} remote ones",
+                local.len(),
+                remote_regions.len()
+            )));
+        }
+        let backend = self::backend(backend)?;
+        py.detach(|| {
+            let mut l = DescList::with_capacity(MemKind::Dram, local.len());
+            let mut r = DescList::with_capacity(MemKind::Dram, local.len());
+            for (&(la, ll), &(ra, rl)) in local.iter().zip(&remote_regions) {
+                l.push(la, ll, 0);
+                r.push(ra, rl, 0);
+            }
+            let h = self.agent.prepare(op, &l, remote, &r, backend)?;
+            h.post(notif.as_deref())?;
+            Ok(Transfer { handle: h })
+        })
+        .map_err(err)
+    }
+
+    /// Waits up to `timeout_s` for the next notification; `(from_agent, message)` or `None`.
+    fn wait_notif<'py>(
+        &self,
+        py: Python<'py>,
+        timeout_s: f64,
+    ) -> Option<(String, Bound<'py, PyBytes>)> {
+        let t = Duration::from_secs_f64(timeout_s.max(0.0));
+        py.detach(|| self.agent.wait_notif(t))
+            .map(|n| (n.from, PyBytes::new(py, &n.msg)))
     }
 
     /// Sends `msg` to `remote` on its own (no data).

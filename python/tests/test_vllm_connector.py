@@ -8,7 +8,9 @@ can only be served from kvstore.
 
 Prefill/decode runs two more connector engines, each in its own network namespace (its own
 network stack and address), with `kvmesh proxy` in front: the decode engine pulls the prompt's
-blocks from the prefill engine over kvtransfer (TCP across the namespaces).
+blocks from the prefill engine over kvtransfer (TCP across the namespaces). The same two engines
+publish their KV events to a `kvmesh serve` daemon on the host, which their connectors ask for
+east-west pulls: a prompt one engine offloaded to its host tier is pulled from there by the other.
 """
 
 import json
@@ -285,24 +287,50 @@ def two_hosts():
             subprocess.run(["ip", kind, "del", name], capture_output=True)
 
 
-def pd_engine(netns: str, name: str, addr: str, core: str) -> NetnsEngine:
+def pd_engine(netns: str, name: str, addr: str, core: str, pub_port: int, replay_port: int,
+              **extra) -> NetnsEngine:
     """A connector engine in `netns` whose kvtransfer agent listens on `addr` (TCP)."""
     cfg = {"kv_connector": "KvmeshConnector", "kv_connector_module_path": "kvmesh.vllm",
            "kv_role": "kv_both",
-           "kv_connector_extra_config": {"transfer_host": addr, "transfer_backend": "tcp"}}
-    return NetnsEngine(netns, name, free_port(), free_port(), free_port(), num_blocks=48,
+           "kv_connector_extra_config": {"transfer_host": addr, "transfer_backend": "tcp",
+                                         "engine_name": name, **extra}}
+    return NetnsEngine(netns, name, free_port(), pub_port, replay_port, num_blocks=48,
                        host=addr, omp_threads_bind=core,
                        extra_args=["--kv-transfer-config", json.dumps(cfg)])
+
+
+def start_daemon(listen: str, *args: str):
+    """`kvmesh serve` on `listen` (port 0); returns the process and its HTTP URL."""
+    proc = subprocess.Popen(
+        [kvmesh_bin(), "serve", "--listen", listen, "--grpc-listen", "off", "--model", "tiny", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t = time.time()
+    while True:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "kvmesh serve exited"
+        if "listening on" in line:
+            return proc, line.split("listening on", 1)[1].strip().split()[0]
+        assert time.time() - t < 30, "kvmesh serve did not start"
 
 
 @pytest.fixture(scope="module")
 def pd(two_hosts, engines):
     (pns, pip), (dns, dip) = two_hosts
     started = []
+    daemon = None
     try:
+        # Every port is free inside a fresh namespace: fixed ports name the engines' endpoints.
+        tport, pub, replay = free_port(), free_port(), free_port()
+        peers = {"prefill": f"{pip}:{tport}", "decode": f"{dip}:{tport}"}
+        # The index both engines publish to and ask for east-west pulls, on the bridge.
+        daemon, index = start_daemon(
+            "10.78.0.1:0",
+            "--engine", f"prefill=tcp://{pip}:{pub},replay=tcp://{pip}:{replay}",
+            "--engine", f"decode=tcp://{dip}:{pub},replay=tcp://{dip}:{replay}")
+        ew = {"index_url": index, "peers": peers, "transfer_port": tport}
         # One core each (the engines' idle loops spin on their cores).
-        p = pd_engine(pns, "prefill", pip, "0")
-        d = pd_engine(dns, "decode", dip, "1")
+        p = pd_engine(pns, "prefill", pip, "0", pub, replay, **ew)
+        d = pd_engine(dns, "decode", dip, "1", pub, replay, **ew)
         for e in (p, d):
             started.append(e)
             e.start()
@@ -314,16 +342,19 @@ def pd(two_hosts, engines):
         m = re.search(r"listening on (http://\S+)", line)
         assert m, f"kvmesh proxy did not start: {line}{proxy.stderr.read() if proxy.poll() is not None else ''}"
         url = m.group(1)
-        yield p, d, url
+        yield p, d, url, index
         proxy.terminate()
         proxy.wait(10)
     finally:
         for e in reversed(started):
             e.stop()
+        if daemon is not None:
+            daemon.terminate()
+            daemon.wait(10)
 
 
 def test_prefill_decode_across_network_namespaces(pd, engines):
-    p, d, url = pd
+    p, d, url, _ = pd
     plain, _ = engines
     long = prompts(6, 4, 500)
     # The second prompt shares ten blocks with the first: the decode engine holds those itself
@@ -344,3 +375,46 @@ def test_prefill_decode_across_network_namespaces(pd, engines):
     while metric(p, "vllm:kv_cache_usage_perc") > 0.0 and time.time() - t < 10:
         time.sleep(0.2)
     assert metric(p, "vllm:kv_cache_usage_perc") == 0.0, "the prefill engine kept blocks nobody reads"
+
+
+def wait_for_host_tier(index: str, engine: str, prompt, blocks: int) -> None:
+    """Waits until the daemon says `engine` holds the first `blocks` blocks of `prompt` in its host
+    tier."""
+    import kvmesh
+
+    client = kvmesh.IndexClient(index)
+    deadline = time.time() + 30
+    while True:
+        s = {x.name: x for x in client.score("tiny", prompt)}.get(engine)
+        if s is not None and min(s.matched_blocks, s.cpu) >= blocks:
+            return
+        assert time.time() < deadline, f"the daemon never saw {engine}'s offloaded prefix: {s}"
+        time.sleep(0.2)
+
+
+def test_east_west_pull_from_a_peer_host_tier(pd, engines):
+    """A prompt computed (and offloaded) on one engine is served on the other from the first one's
+    host tier, found through the daemon; once that peer is dead, the other recomputes."""
+    p, d, _, index = pd
+    plain, _ = engines
+    q, q2 = prompts(21, 2, 500)
+    full = (len(q) - 1) // BLOCK  # all blocks but the one holding the last prompt token
+    want, _ = complete(plain, q)
+    assert complete(p, q)[0] == want
+    wait_for_host_tier(index, "prefill", q, full)
+    p2p = metric(d, "vllm:prompt_tokens_cached_by_source_total", source="p2p")
+    text, cached = complete(d, q)
+    assert text == want, "the output changed with blocks pulled from the peer"
+    assert cached == full * BLOCK, f"{cached} cached tokens, not the peer's {full * BLOCK}"
+    got = metric(d, "vllm:prompt_tokens_cached_by_source_total", source="p2p") - p2p
+    assert got == full * BLOCK, f"{got} tokens came from the peer, not {full * BLOCK}"
+
+    # The index still lists the peer's blocks, but the peer is gone: the engine recomputes.
+    want2, _ = complete(plain, q2)
+    assert complete(p, q2)[0] == want2
+    wait_for_host_tier(index, "prefill", q2, full)
+    p.stop()
+    p2p = metric(d, "vllm:prompt_tokens_cached_by_source_total", source="p2p")
+    text2, cached2 = complete(d, q2)
+    assert text2 == want2, "the output changed after a failed pull from a dead peer"
+    assert metric(d, "vllm:prompt_tokens_cached_by_source_total", source="p2p") == p2p

@@ -23,6 +23,16 @@ What it does, per engine:
   engine, which then frees them (or after ``kv_lease_s`` if no decode engine ever reads them). A
   failed READ is reported to vLLM as failed loads: the decode engine recomputes. ``kvmesh proxy``
   sends requests this way.
+* **East-west.** With ``index_url`` (a ``kvmesh serve`` daemon fed by the engines' KV events),
+  a prompt whose blocks this engine's store lacks is looked up in the index; when another engine
+  holds a longer prefix of it in its host tier, its blocks are pulled from there: the peer pins
+  them in its store (a lease, answered over kvtransfer notifications) and this engine READs them
+  in place from the peer's host arena straight into the blocks vLLM allocated, then releases the
+  lease with the READ's notification. Blocks the peer no longer has, a dead peer or a failed
+  READ make vLLM recompute those blocks. Peers are found by their names in the index: ``peers``
+  maps names to kvtransfer addresses; otherwise, with ``peer_port``, an engine named
+  ``PREFIX-IP`` (as ``kvmesh serve --engine-dns`` names them) is reached at IP:``peer_port``.
+  The engines must hash blocks alike (vLLM's default ``sha256``, or one ``PYTHONHASHSEED``).
 * **Tier events.** Every block stored in or evicted from a tier is published with vLLM's own KV
   events (``BlockStored``/``BlockRemoved`` with medium ``CPU`` or ``STORAGE`` and vLLM's block
   hash), so kvindex sees which engine holds which prefix on which tier.
@@ -50,11 +60,23 @@ Options (``kv_connector_extra_config``):
 ``io_cpus``                 CPUs for kvmesh's transfer and store threads (default: all; vLLM
                             binds its worker to its OpenMP cores, whose idle spin would starve
                             them)
+``index_url``               a ``kvmesh serve`` daemon to find prefixes held by other engines
+                            (default none: no east-west pulls)
+``engine_name``             this engine's name in that index (it never pulls from itself)
+``peers``                   ``{engine name: "host:port"}``: the kvtransfer addresses of peers
+``peer_port``               kvtransfer port of peers not in ``peers`` (engines named PREFIX-IP)
+``peer_min_blocks``         pull from a peer only when it holds at least this many more blocks
+                            than this engine's own store (default 2)
+``peer_timeout_s``          how long a peer may take to answer and to deliver (default 5)
+``index_model``             the model name for index queries (default: the served model name)
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import itertools
+import json
 import os
 import threading
 import time
@@ -140,15 +162,36 @@ class Recv:
 
 
 @dataclass
+class Pull:
+    """East-west: blocks of one request loaded from this engine's store (``keys``/``block_ids``)
+    and, after them, pulled from a peer engine's host tier (``peer_keys``/``peer_ids``)."""
+
+    req_id: str
+    keys: list[int]
+    block_ids: list[int]
+    peer_keys: list[int]
+    peer_ids: list[int]
+    host: str
+    port: int
+
+
+# Prefix of the notifications peers exchange for east-west pulls (request ids, the other
+# notifications, never start with a NUL byte).
+_EW = b"\x00kvmesh-ew "
+
+
+@dataclass
 class KvmeshConnectorMetadata(KVConnectorMetadata):
     """Scheduler to workers, once per step: blocks to load before the forward pass, blocks to
-    save after it, blocks to pull from prefill engines, and requests whose blocks this (prefill)
-    engine keeps until a decode engine has read them (request id, deadline)."""
+    save after it, blocks to pull from prefill engines, requests whose blocks this (prefill)
+    engine keeps until a decode engine has read them (request id, deadline), and blocks to pull
+    from peers' host tiers."""
 
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
     recvs: list[Recv] = field(default_factory=list)
     sends: list[tuple[str, float]] = field(default_factory=list)
+    pulls: list[Pull] = field(default_factory=list)
 
 
 @dataclass
@@ -271,11 +314,23 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._info: dict[int, tuple[int, Optional[int], list[int]]] = {}
         self._loads: list[Transfer] = []
         self._events: list[Any] = []
-        self._lookups: dict[str, tuple[int, list[str]]] = {}
+        # req id -> (first block past vLLM's hit, tiers of the store's blocks after it, peer)
+        self._lookups: dict[str, tuple[int, list[str], Optional[tuple[int, str, int]]]] = {}
         self._handshake: Optional[KvmeshHandshake] = None
         self._recvs: list[Recv] = []
         self._sends: list[tuple[str, float]] = []
         self._lease_s = float(self._opt("kv_lease_s", 120.0))
+        # East-west.
+        self._pulls: list[Pull] = []
+        self._index_url = self._opt("index_url")
+        self._index: Any = None
+        self._index_model = str(self._opt("index_model", self._vllm_config.model_config.served_model_name))
+        self._engine_name = self._opt("engine_name")
+        self._peer_map = {str(k): str(v) for k, v in (self._opt("peers") or {}).items()}
+        port = self._opt("peer_port")
+        self._peer_port = int(port) if port is not None else None
+        self._ew_min = max(1, int(self._opt("peer_min_blocks", 2)))
+        self._index_warned = 0.0
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
         hs = metadata.get(0)
@@ -305,7 +360,7 @@ class KvmeshConnector(KVConnectorBase_V1):
             # single engine serving a cached prefix would (a lone last token takes another
             # attention path, whose rounding can change greedy outputs).
             count = self._loadable_blocks(request) * self.block_size - num_computed_tokens
-            self._lookups[request.request_id] = (num_computed_tokens // self.block_size, [])
+            self._lookups[request.request_id] = (num_computed_tokens // self.block_size, [], None)
             if count > 0:
                 return count, True
             return 0, False
@@ -320,8 +375,56 @@ class KvmeshConnector(KVConnectorBase_V1):
                 break
             tiers.append(t)
             i += 1
-        self._lookups[request.request_id] = (start, tiers)
+        if self._index_url and limit - i >= self._ew_min:
+            peer = self._find_peer(hashes, limit)
+            if peer is not None and peer[0] >= i + self._ew_min:
+                # Pull the blocks after this store's own from the peer, asynchronously.
+                self._lookups[request.request_id] = (start, tiers, peer)
+                return (peer[0] - start) * self.block_size, True
+        self._lookups[request.request_id] = (start, tiers, None)
         return len(tiers) * self.block_size, False
+
+    def _find_peer(self, hashes: list[bytes], limit: int) -> Optional[tuple[int, str, int]]:
+        """The peer whose host tier holds the longest prefix of the first `limit` blocks, by the
+        index: `(blocks, host, port)`, or None."""
+        try:
+            if self._index is None:
+                import kvmesh
+
+                self._index = kvmesh.IndexClient(str(self._index_url))
+            scores = self._index.score(
+                self._index_model, block_hashes=[self._event_hash(h) for h in hashes[:limit]])
+        except Exception as e:
+            now = time.time()
+            if now - self._index_warned > 60:
+                self._index_warned = now
+                log.warning("kvmesh: asking the index at %s failed: %s; no east-west pulls until "
+                            "it answers", self._index_url, e)
+            return None
+        own = (self._handshake.host, self._handshake.port) if self._handshake else None
+        best = None
+        for s in scores:
+            n = min(s.matched_blocks, s.cpu)
+            if n <= 0 or s.name == self._engine_name or (best is not None and n <= best[0]):
+                continue
+            addr = self._peer_addr(s.name)
+            if addr is None or addr == own:
+                continue
+            best = (n, addr[0], addr[1])
+        return best
+
+    def _peer_addr(self, name: str) -> Optional[tuple[str, int]]:
+        spec = self._peer_map.get(name)
+        if spec is not None:
+            host, _, port = spec.rpartition(":")
+            return host.strip("[]"), int(port)
+        if self._peer_port is None:
+            return None
+        # Engines found through DNS are named PREFIX-IP.
+        try:
+            return str(ipaddress.ip_address(name.rsplit("-", 1)[-1])), self._peer_port
+        except ValueError:
+            return None
 
     def update_state_after_alloc(
         self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int
@@ -331,20 +434,27 @@ class KvmeshConnector(KVConnectorBase_V1):
             st = self._reqs[request.request_id] = _Req(request)
         params = request.kv_transfer_params
         if params and params.get("do_remote_prefill"):
-            start, _ = self._lookups.pop(request.request_id, (0, []))
+            start, _, _ = self._lookups.pop(request.request_id, (0, [], None))
             self._plan_recv(request, params, blocks, num_external_tokens, start)
             # One transfer per request.
             params["do_remote_prefill"] = False
             return
         if num_external_tokens <= 0:
             return
-        start, tiers = self._lookups.pop(request.request_id, (0, []))
+        start, tiers, peer = self._lookups.pop(request.request_id, (0, [], None))
         n = num_external_tokens // self.block_size
         block_ids = blocks.get_block_ids()[0]
         hashes = request.block_hashes
         keys = [self._key(hashes[start + j]) for j in range(n)]
-        self._loads.append(Transfer(request.request_id, keys, list(block_ids[start : start + n])))
-        st.loaded_tiers = tiers[:n]
+        ids = list(block_ids[start : start + n])
+        if peer is None:
+            self._loads.append(Transfer(request.request_id, keys, ids))
+            st.loaded_tiers = tiers[:n]
+        else:
+            m = min(len(tiers), n)
+            self._pulls.append(
+                Pull(request.request_id, keys[:m], ids[:m], keys[m:], ids[m:], peer[1], peer[2]))
+            st.loaded_tiers = tiers[:m] + ["PEER"] * (n - m)
         st.saved_upto = max(st.saved_upto, start + n)
 
     def _plan_recv(
@@ -389,16 +499,20 @@ class KvmeshConnector(KVConnectorBase_V1):
         if num_external_tokens == 0 or st is None or not st.loaded_tiers:
             return super().get_external_cache_hit_sources(request, num_external_tokens)
         host = sum(1 for t in st.loaded_tiers if t == "CPU") * self.block_size
+        peer = sum(1 for t in st.loaded_tiers if t == "PEER") * self.block_size
         out = {}
         if host:
             out[CacheHitSource.HOST] = host
-        if num_external_tokens - host:
-            out[CacheHitSource.DISK] = num_external_tokens - host
+        if peer:
+            out[CacheHitSource.P2P] = peer
+        if num_external_tokens - host - peer:
+            out[CacheHitSource.DISK] = num_external_tokens - host - peer
         return out
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        meta = KvmeshConnectorMetadata(loads=self._loads, recvs=self._recvs, sends=self._sends)
-        self._loads, self._recvs, self._sends = [], [], []
+        meta = KvmeshConnectorMetadata(loads=self._loads, recvs=self._recvs, sends=self._sends,
+                                       pulls=self._pulls)
+        self._loads, self._recvs, self._sends, self._pulls = [], [], [], []
         computed: dict[str, int] = {}
         for nr in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(nr.req_id)
@@ -573,6 +687,19 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._sending: dict[str, float] = {}
         self._read_notifs: set[str] = set()
         self._failed_recv: set[str] = set()
+        self._peer_lock = threading.Lock()
+        # Notifications other than east-west ones, for get_finished (the notification thread
+        # takes every notification from the agent).
+        self._notifs: list[bytes] = []
+        self._closing = threading.Event()
+        # east-west, pulling side: req id -> (pull, future of the failed block ids)
+        self._pulling: dict[str, tuple[Pull, Future]] = {}
+        self._puller = ThreadPoolExecutor(2, thread_name_prefix="kvmesh-pull")
+        # lookup id -> (answered, (lease, addresses))
+        self._replies: dict[str, list[Any]] = {}
+        self._lookup_ids = itertools.count(1)
+        self._peer_timeout = float(self._opt("peer_timeout_s", 5.0))
+        self._served_leases = 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from kvmesh._native import BlockStore
@@ -611,8 +738,14 @@ class KvmeshConnector(KVConnectorBase_V1):
             self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0)
             self._store.register_layers(layers, page, num_blocks)
             self._start_agent(layers, page, num_blocks)
-            # The saver thread starts on its first task: start it here, with the same binding.
+            # Peers read blocks in place from the store's host arena.
+            self._agent.register(*self._store.arena())
+            # The saver and puller threads start on their first task: start them here, with the
+            # same binding.
             self._saver.submit(lambda: None).result()
+            for f in [self._puller.submit(time.sleep, 0.05) for _ in range(2)]:
+                f.result()
+            threading.Thread(target=self._serve_notifs, name="kvmesh-notifs", daemon=True).start()
         n = int(self._opt("inject_load_failures", 0))
         if n:
             self._store.inject_load_failures(n)
@@ -660,6 +793,8 @@ class KvmeshConnector(KVConnectorBase_V1):
                 self._sending[req_id] = deadline
         for r in meta.recvs:
             self._start_recv(r)
+        for p in meta.pulls:
+            self._pulling[p.req_id] = (p, self._puller.submit(self._pull, p))
         if not meta.loads or self._store is None:
             for t in meta.loads:
                 self._load_errors.update(t.block_ids)
@@ -673,10 +808,132 @@ class KvmeshConnector(KVConnectorBase_V1):
             log.warning("kvmesh: %d block loads failed; vLLM recomputes them", len(self._load_errors))
 
     def _peer(self, host: str, port: int) -> str:
-        name = self._peers.get((host, port))
-        if name is None:
-            name = self._peers[(host, port)] = self._agent.connect(host, port)
-        return name
+        with self._peer_lock:
+            name = self._peers.get((host, port))
+            if name is None:
+                name = self._peers[(host, port)] = self._agent.connect(host, port)
+            return name
+
+    def _forget_peer(self, host: str, port: int) -> None:
+        with self._peer_lock:
+            self._peers.pop((host, port), None)
+
+    # ---------------------------------------------------------------------------------------
+    # east-west
+
+    def _serve_notifs(self) -> None:
+        """Takes every notification from the agent: east-west requests and answers are handled
+        here, at once; the others are left for get_finished. Expired leases are released."""
+        last_sweep = time.time()
+        while not self._closing.is_set():
+            try:
+                n = self._agent.wait_notif(0.25)
+                if time.time() - last_sweep > 1.0:
+                    last_sweep = time.time()
+                    if self._store.expire_leases():
+                        log.info("kvmesh: a peer never released its lease; its blocks are unpinned")
+                if n is None:
+                    continue
+                src, msg = n
+                if msg.startswith(_EW):
+                    self._ew_message(src, msg[len(_EW):])
+                else:
+                    with self._lock:
+                        self._notifs.append(msg)
+            except Exception as e:  # a malformed message must not stop the thread
+                log.warning("kvmesh: handling a notification: %s", e)
+
+    def _ew_message(self, src: str, msg: bytes) -> None:
+        kind, _, body = msg.partition(b" ")
+        if kind == b"lookup":
+            # A peer asks for blocks: pin the leading ones this store holds and say where they are.
+            q = json.loads(body)
+            lease, addrs = 0, []
+            if int(q["block_bytes"]) == self._store.block_bytes:
+                lease, addrs = self._store.lease([int(k) for k in q["keys"]], self._peer_timeout * 4)
+            try:
+                peer = self._peer(str(q["host"]), int(q["port"]))
+                reply = {"id": q["id"], "lease": lease, "addrs": addrs}
+                self._agent.send_notif(peer, _EW + b"lease " + json.dumps(reply).encode())
+            except Exception:
+                self._forget_peer(str(q["host"]), int(q["port"]))
+                if lease:
+                    self._store.release(lease)
+                raise
+            self._served_leases += 1
+            log.debug("kvmesh: %s asked for %d blocks, %d are here", src, len(q["keys"]), len(addrs))
+        elif kind == b"lease":
+            r = json.loads(body)
+            with self._lock:
+                slot = self._replies.get(str(r["id"]))
+            if slot is None:  # the asker gave up waiting
+                if r["lease"]:
+                    self._agent.send_notif(src, _EW + b"release " + str(int(r["lease"])).encode())
+                return
+            slot[1] = (int(r["lease"]), [int(a) for a in r["addrs"]])
+            slot[0].set()
+        elif kind == b"release":
+            self._store.release(int(body))
+        else:
+            raise ValueError(f"unknown east-west message {kind!r} from {src}")
+
+    def _pull(self, p: Pull) -> list[int]:
+        """Loads a request's blocks from the store, then from the peer; returns the block ids
+        that could not be filled."""
+        failed = []
+        if p.keys:
+            ok = self._store.load(p.keys, p.block_ids)
+            failed = [b for b, good in zip(p.block_ids, ok) if not good]
+        got = 0
+        if p.peer_ids:
+            try:
+                got = self._pull_from_peer(p)
+            except Exception as e:
+                self._forget_peer(p.host, p.port)
+                log.warning("kvmesh: pulling %d blocks of %s from %s:%d failed: %s; vLLM recomputes "
+                            "them", len(p.peer_ids), p.req_id, p.host, p.port, e)
+            if got < len(p.peer_ids):
+                log.info("kvmesh: the peer at %s:%d supplied %d of %d blocks of %s", p.host, p.port,
+                         got, len(p.peer_ids), p.req_id)
+        return failed + p.peer_ids[got:]
+
+    def _pull_from_peer(self, p: Pull) -> int:
+        peer = self._peer(p.host, p.port)
+        lookup = f"{self._agent.name}/{next(self._lookup_ids)}"
+        slot: list[Any] = [threading.Event(), None]
+        with self._lock:
+            self._replies[lookup] = slot
+        try:
+            host, port = self._agent.address
+            q = {"id": lookup, "keys": p.peer_keys, "block_bytes": self._store.block_bytes,
+                 "host": host, "port": port}
+            self._agent.send_notif(peer, _EW + b"lookup " + json.dumps(q).encode())
+            if not slot[0].wait(self._peer_timeout):
+                raise TimeoutError(f"no answer in {self._peer_timeout} s")
+        finally:
+            with self._lock:
+                self._replies.pop(lookup, None)
+        lease, addrs = slot[1]
+        n = min(len(addrs), len(p.peer_ids))
+        if n == 0:
+            return 0
+        local, remote = [], []
+        for b, a in zip(p.peer_ids[:n], addrs):
+            for i, (base, stride) in enumerate(self._layers):
+                local.append((base + b * stride, self._page))
+                remote.append((a + i * self._page, self._page))
+        release = _EW + b"release " + str(lease).encode()
+        try:
+            xfer = self._agent.transfer("read", peer, local, remote, notif=release,
+                                        backend=None if self._backend == "auto" else self._backend)
+            xfer.wait(self._peer_timeout)
+        except Exception:
+            try:
+                self._agent.send_notif(peer, release)
+            except Exception:
+                pass  # the lease expires on its own
+            raise
+        return n
 
     def _start_recv(self, r: Recv, attempt: int = 1) -> None:
         try:
@@ -699,7 +956,7 @@ class KvmeshConnector(KVConnectorBase_V1):
                 backend=None if self._backend == "auto" else self._backend)
             self._recving[r.req_id] = (xfer, r, attempt)
         except Exception as e:
-            self._peers.pop((r.host, r.port), None)
+            self._forget_peer(r.host, r.port)
             if r.local_ids and attempt < 2:
                 log.info("kvmesh: pulling the blocks of %s from %s:%d: %s; reconnecting", r.req_id,
                          r.host, r.port, e)
@@ -749,11 +1006,12 @@ class KvmeshConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[Optional[set[str]], Optional[set[str]]]:
         self._futures = [f for f in self._futures if not f.done()]
         # Prefill side: decode engines tell us (notification = our request id) they have read.
-        if self._agent is not None:
-            for _, msg in self._agent.get_notifs():
-                rid = msg.decode(errors="replace")
-                if self._sending.pop(rid, None) is None:
-                    self._read_notifs.add(rid)
+        with self._lock:
+            notifs, self._notifs = self._notifs, []
+        for msg in notifs:
+            rid = msg.decode(errors="replace")
+            if self._sending.pop(rid, None) is None:
+                self._read_notifs.add(rid)
         now = time.time()
         for rid, deadline in list(self._sending.items()):
             if now > deadline:
@@ -769,13 +1027,29 @@ class KvmeshConnector(KVConnectorBase_V1):
             if status != "done" and xfer is not None and attempt < 2:
                 # A connection the peer closed since the last pull: once more on a fresh one.
                 log.info("kvmesh: pulling the blocks of %s %s; retrying on a new connection", rid, status)
-                self._peers.pop((r.host, r.port), None)
+                self._forget_peer(r.host, r.port)
                 self._start_recv(r, attempt + 1)
                 if rid in self._recving:
                     continue
             elif status != "done":
                 log.warning("kvmesh: pulling the blocks of %s %s; vLLM recomputes them", rid, status)
                 self._failed_recv.add(rid)
+            recved.add(rid)
+        # East-west pulls: blocks that could not be filled are load errors (vLLM recomputes
+        # them); a request none of whose blocks arrived is a failed receive.
+        for rid, (p, fut) in list(self._pulling.items()):
+            if not fut.done():
+                continue
+            del self._pulling[rid]
+            try:
+                failed = fut.result()
+            except Exception as e:
+                log.warning("kvmesh: loading the blocks of %s failed: %s; vLLM recomputes them", rid, e)
+                failed = p.block_ids + p.peer_ids
+            if failed and len(failed) == len(p.block_ids) + len(p.peer_ids):
+                self._failed_recv.add(rid)
+            else:
+                self._load_errors.update(failed)
             recved.add(rid)
         with self._lock:
             self._finishing |= finished_req_ids & self._delayed
@@ -812,6 +1086,8 @@ class KvmeshConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         if self._role == KVConnectorRole.WORKER:
+            self._closing.set()
+            self._puller.shutdown(wait=True)
             self._wait_saves()
             self._saver.shutdown(wait=True)
             if self._store is not None:
