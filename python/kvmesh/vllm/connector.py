@@ -232,6 +232,8 @@ class _Req:
     has_saves: bool = False
     # Leading blocks loaded from the store for this request, by tier.
     loaded_tiers: list[str] = field(default_factory=list)
+    # Blocks were pulled from a peer (asynchronously) for this request.
+    pulled: bool = False
 
 
 def _namespace(vllm_config: "VllmConfig", block_size: int) -> bytes:
@@ -455,6 +457,7 @@ class KvmeshConnector(KVConnectorBase_V1):
             self._pulls.append(
                 Pull(request.request_id, keys[:m], ids[:m], keys[m:], ids[m:], peer[1], peer[2]))
             st.loaded_tiers = tiers[:m] + ["PEER"] * (n - m)
+            st.pulled = True
         st.saved_upto = max(st.saved_upto, start + n)
 
     def _plan_recv(
@@ -618,9 +621,10 @@ class KvmeshConnector(KVConnectorBase_V1):
 
         st = self._reqs.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
-        # Saves read the request's blocks on a worker thread: keep the blocks until the worker
-        # says they are done (it reports the request in finished_sending).
-        delay = st is not None and st.has_saves
+        # Saves read the request's blocks on a worker thread, and a pull may still be writing
+        # them (a request aborted while it waits for a peer): keep the blocks until the worker
+        # says it is done with them (it reports the request in finished_sending).
+        delay = st is not None and (st.has_saves or st.pulled)
         params = request.kv_transfer_params
         if not params:
             return delay, None
@@ -794,6 +798,8 @@ class KvmeshConnector(KVConnectorBase_V1):
         for r in meta.recvs:
             self._start_recv(r)
         for p in meta.pulls:
+            with self._lock:
+                self._delayed.add(p.req_id)
             self._pulling[p.req_id] = (p, self._puller.submit(self._pull, p))
         if not meta.loads or self._store is None:
             for t in meta.loads:
@@ -850,7 +856,9 @@ class KvmeshConnector(KVConnectorBase_V1):
             q = json.loads(body)
             lease, addrs = 0, []
             if int(q["block_bytes"]) == self._store.block_bytes:
-                lease, addrs = self._store.lease([int(k) for k in q["keys"]], self._peer_timeout * 4)
+                # Pinned for as long as the asker may take to read them (bounded).
+                ttl = min(max(float(q["ttl_s"]), 1.0), 600.0)
+                lease, addrs = self._store.lease([int(k) for k in q["keys"]], ttl)
             try:
                 peer = self._peer(str(q["host"]), int(q["port"]))
                 reply = {"id": q["id"], "lease": lease, "addrs": addrs}
@@ -905,8 +913,9 @@ class KvmeshConnector(KVConnectorBase_V1):
             self._replies[lookup] = slot
         try:
             host, port = self._agent.address
+            # The lease outlives this side's wait for the answer plus its wait for the READ.
             q = {"id": lookup, "keys": p.peer_keys, "block_bytes": self._store.block_bytes,
-                 "host": host, "port": port}
+                 "host": host, "port": port, "ttl_s": 4 * self._peer_timeout}
             self._agent.send_notif(peer, _EW + b"lookup " + json.dumps(q).encode())
             if not slot[0].wait(self._peer_timeout):
                 raise TimeoutError(f"no answer in {self._peer_timeout} s")
@@ -926,7 +935,14 @@ class KvmeshConnector(KVConnectorBase_V1):
         try:
             xfer = self._agent.transfer("read", peer, local, remote, notif=release,
                                         backend=None if self._backend == "auto" else self._backend)
-            xfer.wait(self._peer_timeout)
+            try:
+                xfer.wait(self._peer_timeout)
+            except TimeoutError:
+                # vLLM recomputes into these blocks: the READ must be over before saying so.
+                xfer.cancel()
+                while xfer.status() == "pending":
+                    time.sleep(0.005)
+                raise
         except Exception:
             try:
                 self._agent.send_notif(peer, release)
@@ -1053,7 +1069,8 @@ class KvmeshConnector(KVConnectorBase_V1):
             recved.add(rid)
         with self._lock:
             self._finishing |= finished_req_ids & self._delayed
-            done = {r for r in self._finishing if r not in self._inflight and r not in self._sending}
+            done = {r for r in self._finishing
+                    if r not in self._inflight and r not in self._sending and r not in self._pulling}
             self._finishing -= done
             self._delayed -= done
         return (done or None), (recved or None)
