@@ -57,6 +57,12 @@ build() {
   for f in unit gpu-tests gpu-bench; do
     [ -x "$out/$f" ] || { echo "build did not produce $f" >&2; exit 1; }
   done
+  # The Python package (kvmesh.BlockStore with GPU caches, as the vLLM connector uses it).
+  local maturin
+  maturin=$(command -v maturin || echo .cache/vllm-venv/bin/maturin)
+  [ -x "$maturin" ] || { echo "maturin is needed to build the kvmesh wheel (pip install maturin)" >&2; exit 1; }
+  rm -rf "$out/wheels"
+  "$maturin" build --release --quiet -m python/Cargo.toml -o "$out/wheels"
 }
 
 case $mode in
@@ -78,6 +84,16 @@ echo "== unit tests"
 "$dir/unit" 2>&1 | tee "$logs/unit.log" || status=1
 echo "== GPU tests"
 "$dir/gpu-tests" 2>&1 | tee "$logs/gpu-tests.log" || status=1
+echo "== Python: kvmesh.BlockStore with GPU caches (python/tests/test_gpu_store.py)"
+site=$(mktemp -d)
+if python3 -m pip install -q --no-deps --no-index --target "$site" "$dir"/wheels/kvmesh-*.whl; then
+  PYTHONPATH="$site" python3 -m pytest -q -rs -s python/tests/test_gpu_store.py 2>&1 | tee "$logs/python-gpu.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "installing the kvmesh wheel from $dir/wheels failed" | tee "$logs/python-gpu.log"
+  status=1
+fi
+rm -rf "$site"
 echo "== benches/run gpu ${bench_args[*]:-}"
 KVMESH_BENCH_COMMAND="benches/run gpu${bench_args[*]:+ ${bench_args[*]}}" \
   "$dir/gpu-bench" "${bench_args[@]}" 2>&1 | tee "$logs/bench.log" || status=1

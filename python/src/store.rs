@@ -42,6 +42,68 @@ impl Layout {
     }
 }
 
+/// The engine's KV cache in GPU memory, moved by kvstore's CUDA copy engine to and from the
+/// (GPU-pinned) host tier's slots.
+#[cfg(feature = "cuda")]
+struct GpuLayout {
+    engine: kvstore::cuda::Engine,
+    cache: kvstore::cuda::KvCache,
+    slots: kvstore::cuda::SlotSpec,
+    /// The host arena: base address, length, bytes between slots.
+    base: u64,
+    len: usize,
+    stride: usize,
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_err(e: kvstore::cuda::CudaError) -> StoreError {
+    StoreError::Invalid(format!("CUDA copy engine: {e}"))
+}
+
+#[cfg(feature = "cuda")]
+impl GpuLayout {
+    fn check(&self, block: u64) -> Result<u32, StoreError> {
+        let n = self.cache.spec().num_blocks;
+        u32::try_from(block).ok().filter(|&b| b < n).ok_or_else(|| {
+            StoreError::Invalid(format!(
+                "block id {block} is outside the registered {n} blocks"
+            ))
+        })
+    }
+
+    /// The host slot a pointer into the arena is in.
+    fn slot_of(&self, p: *const u8) -> Option<u32> {
+        let off = (p as u64).checked_sub(self.base)?;
+        if off >= self.len as u64 || !off.is_multiple_of(self.stride as u64) {
+            return None;
+        }
+        u32::try_from(off / self.stride as u64).ok()
+    }
+
+    /// Gathers GPU block `block` into the host slot holding `dst`.
+    fn gather(&self, block: u32, dst: &mut [u8]) -> Result<(), StoreError> {
+        let slot = self
+            .slot_of(dst.as_ptr())
+            .ok_or_else(|| StoreError::Invalid("a host slot outside the arena".into()))?;
+        let moves = [kvstore::cuda::BlockMove { block, slot }];
+        // SAFETY: the arena is pinned and mapped for the GPU (checked at registration) and lives
+        // as long as the store; `dst` is this slot, which the tier hands to nobody else while it
+        // is being filled; `wait` returns only once the copy is done.
+        unsafe {
+            self.engine.gather_raw(
+                &self.cache,
+                self.base,
+                self.len,
+                &self.slots,
+                &moves,
+                kvstore::cuda::CopyPath::Auto,
+            )
+        }
+        .and_then(|t| t.wait())
+        .map_err(gpu_err)
+    }
+}
+
 /// A tiered store of KV blocks (host memory, and a disk tier when `disk_path` is given).
 ///
 /// Blocks are `block_bytes` long and addressed by 64-bit keys. `save` and `load` move blocks
@@ -56,6 +118,8 @@ pub struct BlockStore {
     /// Blocks pinned in the host arena for peers to read: lease id -> (expiry, pinned blocks).
     leases: Mutex<HashMap<u64, (Instant, Vec<Bytes>)>>,
     next_lease: AtomicU64,
+    #[cfg(feature = "cuda")]
+    gpu: RwLock<Option<GpuLayout>>,
 }
 
 fn err(e: StoreError) -> PyErr {
@@ -77,21 +141,26 @@ fn tier_name(t: TierKind) -> &'static str {
 impl BlockStore {
     /// A store of `host_bytes` of host memory for blocks of `block_bytes`, and a disk tier of
     /// `disk_bytes` in the folder `disk_path` when it is given (blocks are written down to it in
-    /// the background and survive restarts).
+    /// the background and survive restarts). With `gpu`, the host memory is pinned and mapped
+    /// for GPU 0, for `register_gpu_layers` (an error where there is no GPU).
     #[new]
-    #[pyo3(signature = (block_bytes, host_bytes, disk_path=None, disk_bytes=0, lock_memory=false))]
+    #[pyo3(signature = (block_bytes, host_bytes, disk_path=None, disk_bytes=0, lock_memory=false, gpu=false))]
     fn new(
         block_bytes: usize,
         host_bytes: u64,
         disk_path: Option<String>,
         disk_bytes: u64,
         lock_memory: bool,
+        gpu: bool,
     ) -> PyResult<Self> {
         if block_bytes == 0 {
             return Err(PyValueError::new_err("block_bytes must be positive"));
         }
         let mut host = HostConfig::new(host_bytes, block_bytes);
         host.lock_memory = lock_memory;
+        if gpu {
+            host.gpu_pin = kvstore::GpuPin::Require;
+        }
         let mut cfg = StoreConfig::new(host);
         if let Some(dir) = disk_path {
             if disk_bytes < block_bytes as u64 {
@@ -111,6 +180,8 @@ impl BlockStore {
             fail_loads: AtomicU64::new(0),
             leases: Mutex::new(HashMap::new()),
             next_lease: AtomicU64::new(1),
+            #[cfg(feature = "cuda")]
+            gpu: RwLock::new(None),
         })
     }
 
@@ -164,12 +235,118 @@ impl BlockStore {
         Ok(())
     }
 
+    /// Registers the engine's KV cache in GPU memory, moved by kvstore's CUDA copy engine:
+    /// `layers` holds the device address of each layer's block 0 (for vLLM's CUDA caches, one
+    /// for K and one for V per attention layer), `block_stride` the bytes between consecutive
+    /// blocks, each page `num_heads` x `tokens_per_block` rows of `entry_bytes` in `layout`
+    /// (`"LBNHC"`/`"NHD"` or `"LBHNC"`/`"HND"`). The store must have been made with `gpu=True`.
+    /// Blocks are kept in the store in the same layout.
+    #[pyo3(signature = (layers, block_stride, num_blocks, num_heads, tokens_per_block, entry_bytes, layout, device=0))]
+    #[allow(clippy::too_many_arguments, unused_variables)]
+    fn register_gpu_layers(
+        &self,
+        py: Python<'_>,
+        layers: Vec<u64>,
+        block_stride: u64,
+        num_blocks: u32,
+        num_heads: u32,
+        tokens_per_block: u32,
+        entry_bytes: u32,
+        layout: &str,
+        device: usize,
+    ) -> PyResult<()> {
+        #[cfg(not(feature = "cuda"))]
+        return Err(PyRuntimeError::new_err(
+            "this kvmesh was built without its cuda feature",
+        ));
+        #[cfg(feature = "cuda")]
+        {
+            use kvstore::cuda::{CacheSpec, Engine, EngineConfig, KvLayout, PageShape, SlotSpec};
+            let layout = KvLayout::from_vllm(layout).ok_or_else(|| {
+                PyValueError::new_err(format!("layout {layout:?}: LBNHC (NHD) or LBHNC (HND)"))
+            })?;
+            let arena = self.store.host().arena();
+            if !arena.gpu_pinned {
+                return Err(PyRuntimeError::new_err(
+                    "the store's host memory is not pinned for the GPU: make it with gpu=True",
+                ));
+            }
+            let shape = PageShape {
+                num_heads,
+                tokens_per_block,
+                entry_bytes,
+            };
+            if layers.len() as u64 * shape.page_bytes() != self.store.block_bytes() as u64 {
+                return Err(PyValueError::new_err(format!(
+                    "{} layers of {}-byte pages make {} bytes per block, the store's blocks are {}",
+                    layers.len(),
+                    shape.page_bytes(),
+                    layers.len() as u64 * shape.page_bytes(),
+                    self.store.block_bytes()
+                )));
+            }
+            let spec = CacheSpec {
+                layers,
+                num_blocks,
+                block_stride,
+                shape,
+                layout,
+            };
+            let (base, len, stride) = (arena.ptr as u64, arena.len, arena.slot_stride);
+            let g = py
+                .detach(|| -> kvstore::cuda::Result<GpuLayout> {
+                    let engine = Engine::new(EngineConfig {
+                        device,
+                        ..EngineConfig::default()
+                    })?;
+                    // SAFETY: the caller keeps the cache's memory allocated while this store
+                    // uses it (the documented contract of this method).
+                    let cache = unsafe { engine.register_cache(spec) }?;
+                    let slots = SlotSpec {
+                        num_slots: (len / stride) as u32,
+                        slot_stride: stride as u64,
+                        layout,
+                    };
+                    Ok(GpuLayout {
+                        engine,
+                        cache,
+                        slots,
+                        base,
+                        len,
+                        stride,
+                    })
+                })
+                .map_err(|e| PyRuntimeError::new_err(format!("CUDA copy engine: {e}")))?;
+            *self.gpu.write() = Some(g);
+            Ok(())
+        }
+    }
+
+    /// Makes the copy engine's later copies wait for the work queued so far on the CUDA stream
+    /// `stream` (e.g. ``torch.cuda.current_stream().cuda_stream``, the forward pass that wrote
+    /// the blocks a save reads). A no-op without a registered GPU cache.
+    #[allow(unused_variables)]
+    fn order_after(&self, stream: usize) -> PyResult<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = self.gpu.read().as_ref() {
+            // SAFETY: the caller passes a live stream of the device's primary context (what
+            // torch's current stream is).
+            unsafe { g.engine.order_after(stream as *mut std::ffi::c_void) }
+                .map_err(|e| PyRuntimeError::new_err(format!("CUDA copy engine: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// Copies engine blocks `block_ids` into the store under `keys` (pairwise). Returns the keys
     /// that could not be stored (an empty list when all were); a key already held counts as
     /// stored.
     fn save(&self, py: Python<'_>, keys: Vec<u64>, block_ids: Vec<u64>) -> PyResult<Vec<u64>> {
         if keys.len() != block_ids.len() {
             return Err(PyValueError::new_err("keys and block_ids differ in length"));
+        }
+        #[cfg(feature = "cuda")]
+        if self.gpu.read().is_some() {
+            return py.detach(|| self.save_gpu(&keys, &block_ids));
         }
         py.detach(|| {
             let guard = self.layout.read();
@@ -202,6 +379,10 @@ impl BlockStore {
     fn load(&self, py: Python<'_>, keys: Vec<u64>, block_ids: Vec<u64>) -> PyResult<Vec<bool>> {
         if keys.len() != block_ids.len() {
             return Err(PyValueError::new_err("keys and block_ids differ in length"));
+        }
+        #[cfg(feature = "cuda")]
+        if self.gpu.read().is_some() {
+            return py.detach(|| self.load_gpu(&keys, &block_ids));
         }
         py.detach(|| {
             let guard = self.layout.read();
@@ -385,6 +566,76 @@ impl BlockStore {
         p.set_item("promotions", s.pipeline.promotions)?;
         out.set_item("pipeline", p)?;
         Ok(out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl BlockStore {
+    fn save_gpu(&self, keys: &[u64], block_ids: &[u64]) -> PyResult<Vec<u64>> {
+        let guard = self.gpu.read();
+        let g = guard.as_ref().ok_or_else(not_registered)?;
+        let mut failed = Vec::new();
+        for (&k, &b) in keys.iter().zip(block_ids) {
+            let b = g.check(b).map_err(err)?;
+            let mut gather = |dst: &mut [u8]| g.gather(b, dst);
+            if self.store.put_with(BlockKey(k), &mut gather, None).is_err() {
+                failed.push(k);
+            }
+        }
+        Ok(failed)
+    }
+
+    /// Scatters the host slots of the blocks under `keys` into GPU blocks `block_ids` with one
+    /// copy: blocks the store lacks, or holds outside the host arena, are reported as failed.
+    fn load_gpu(&self, keys: &[u64], block_ids: &[u64]) -> PyResult<Vec<bool>> {
+        let guard = self.gpu.read();
+        let g = guard.as_ref().ok_or_else(not_registered)?;
+        let mut ok = vec![false; keys.len()];
+        let mut moves = Vec::with_capacity(keys.len());
+        let mut pinned = Vec::with_capacity(keys.len());
+        for (i, (&k, &b)) in keys.iter().zip(block_ids).enumerate() {
+            let b = g.check(b).map_err(err)?;
+            if self
+                .fail_loads
+                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                continue;
+            }
+            // The bytes pin their host slot until the copy is done.
+            if let Ok(Some(d)) = self.store.get(BlockKey(k)) {
+                if let Some(slot) = g.slot_of(d.as_ptr()) {
+                    moves.push(kvstore::cuda::BlockMove { block: b, slot });
+                    pinned.push(d);
+                    ok[i] = true;
+                }
+            }
+        }
+        if moves.is_empty() {
+            return Ok(ok);
+        }
+        // SAFETY: the arena is pinned and mapped for the GPU; the slots read are pinned by
+        // `pinned` until `wait` returns; the GPU blocks written are the engine's to fill (vLLM
+        // does not touch blocks being loaded).
+        let done = unsafe {
+            g.engine.scatter_raw(
+                g.base,
+                g.len,
+                &g.slots,
+                &g.cache,
+                &moves,
+                kvstore::cuda::CopyPath::Auto,
+            )
+        }
+        .and_then(|t| t.wait());
+        drop(pinned);
+        // A failed copy leaves every destination block unknown: the caller recomputes them all.
+        done.map(|()| ok).map_err(|e| {
+            PyRuntimeError::new_err(format!(
+                "CUDA copy engine: loading {} blocks into the GPU failed: {e}",
+                moves.len()
+            ))
+        })
     }
 }
 

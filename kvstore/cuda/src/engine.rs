@@ -472,6 +472,47 @@ impl Engine {
         )
     }
 
+    /// [`Engine::gather`] into host memory named by its address: for memory the caller pinned
+    /// and mapped for this device (`cuMemHostRegister`), such as kvstore's GPU-pinned host tier,
+    /// whose other slots other threads use meanwhile.
+    ///
+    /// # Safety
+    /// `host_addr .. host_addr + host_len` must be pinned host memory mapped for this device that
+    /// stays valid until the transfer is done, and nobody may touch the slots the moves write
+    /// until then.
+    pub unsafe fn gather_raw(
+        &self,
+        cache: &KvCache,
+        host_addr: u64,
+        host_len: usize,
+        slots: &SlotSpec,
+        moves: &[BlockMove],
+        path: CopyPath,
+    ) -> Result<Transfer<'_>> {
+        self.submit(
+            &self.d2h, cache, host_addr, host_len, slots, moves, path, true,
+        )
+    }
+
+    /// [`Engine::scatter`] from host memory named by its address.
+    ///
+    /// # Safety
+    /// As for [`Engine::gather_raw`]; the slots the moves read must not be written until the
+    /// transfer is done.
+    pub unsafe fn scatter_raw(
+        &self,
+        host_addr: u64,
+        host_len: usize,
+        slots: &SlotSpec,
+        cache: &KvCache,
+        moves: &[BlockMove],
+        path: CopyPath,
+    ) -> Result<Transfer<'_>> {
+        self.submit(
+            &self.h2d, cache, host_addr, host_len, slots, moves, path, false,
+        )
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn submit<'a>(
         &'a self,

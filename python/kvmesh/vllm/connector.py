@@ -240,6 +240,10 @@ def _namespace(vllm_config: "VllmConfig", block_size: int) -> bytes:
     mc, cc, pc = vllm_config.model_config, vllm_config.cache_config, vllm_config.parallel_config
     parts = [
         "kvmesh-vllm-v1",
+        # Where the cache is and which attention backend lays it out decide the pages' byte order.
+        str(getattr(vllm_config.device_config, "device_type", "")),
+        os.environ.get("VLLM_ATTENTION_BACKEND", ""),
+        os.environ.get("VLLM_KV_CACHE_LAYOUT", ""),
         str(mc.model),
         str(getattr(mc, "revision", None)),
         str(cc.cache_dtype),
@@ -377,7 +381,9 @@ class KvmeshConnector(KVConnectorBase_V1):
                 break
             tiers.append(t)
             i += 1
-        if self._index_url and limit - i >= self._ew_min:
+        # East-west pulls write the KV pages with kvtransfer: host-memory caches only.
+        pullable = self._handshake is not None and bool(self._handshake.layers)
+        if self._index_url and pullable and limit - i >= self._ew_min:
             peer = self._find_peer(hashes, limit)
             if peer is not None and peer[0] >= i + self._ew_min:
                 # Pull the blocks after this store's own from the peer, asynchronously.
@@ -642,9 +648,10 @@ class KvmeshConnector(KVConnectorBase_V1):
         if request.status not in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED):
             return delay, None
         hs = self._handshake
-        if hs is None or not block_ids:
+        if hs is None or not block_ids or not hs.layers:
             log.warning("kvmesh: request %s asks for remote decode but this engine has no "
-                        "kvtransfer agent", request.request_id)
+                        "kvtransfer agent for its KV pages (none, or they are in GPU memory)",
+                        request.request_id)
             return delay, None
         self._sends.append((request.request_id, time.time() + self._lease_s))
         return True, dict(
@@ -669,6 +676,7 @@ class KvmeshConnector(KVConnectorBase_V1):
 
         self._rank = get_tensor_model_parallel_rank() if self._tp > 1 else 0
         self._store = None
+        self._gpu = False
         self._caches: dict[str, torch.Tensor] = {}
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-save")
         self._lock = threading.Lock()
@@ -706,32 +714,23 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._served_leases = 0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from kvmesh import kvcache
         from kvmesh._native import BlockStore
 
-        layers = []
-        page = None
-        num_blocks = None
-        seen: set[int] = set()
-        for name, t in kv_caches.items():
-            if t.data_ptr() in seen:  # layers sharing one cache (hybrid aliasing)
-                continue
-            seen.add(t.data_ptr())
-            if not t[0].is_contiguous():
-                raise ValueError(
-                    f"KvmeshConnector: layer {name}'s block page is not contiguous (shape "
-                    f"{tuple(t.shape)}, strides {t.stride()}); a block-outer KV layout is not supported"
-                )
-            p = t[0].numel() * t.element_size()
-            stride = t.stride(0) * t.element_size()
-            if page is None:
-                page, num_blocks = p, t.shape[0]
-            elif p != page or t.shape[0] != num_blocks:
-                raise ValueError("KvmeshConnector: every layer must have the same page size and block count")
-            layers.append((t.data_ptr(), stride))
+        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else None
+        try:
+            desc = kvcache.describe(kv_caches, num_blocks)
+        except ValueError as e:
+            raise ValueError(f"KvmeshConnector: {e}") from None
         self._caches = kv_caches  # keep the tensors alive while the store and agent use them
+        self._gpu = isinstance(desc, kvcache.GpuLayout)
+        num_blocks = desc.num_blocks
+        page = desc.page_bytes
+        block_bytes = desc.block_bytes
+        # kvtransfer moves host memory: the KV pages themselves only on CPU engines.
+        layers = [] if self._gpu else desc.layers
         self._layers = layers
         self._page = page
-        block_bytes = page * len(layers)
         host_bytes = int(self._opt("host_bytes", GIB))
         disk_path = self._opt("disk_path")
         disk_bytes = int(self._opt("disk_bytes", 10 * GIB))
@@ -739,8 +738,15 @@ class KvmeshConnector(KVConnectorBase_V1):
             disk_path = f"{disk_path}/tp{self._rank}"
         io_cpus = self._opt("io_cpus")
         with _threads_on({int(c) for c in io_cpus} if io_cpus else None):
-            self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0)
-            self._store.register_layers(layers, page, num_blocks)
+            self._store = BlockStore(block_bytes, host_bytes, disk_path, disk_bytes if disk_path else 0,
+                                     gpu=self._gpu)
+            if self._gpu:
+                # kvstore's CUDA copy engine gathers and scatters the pages.
+                self._store.register_gpu_layers(
+                    desc.layers, desc.block_stride, desc.num_blocks, desc.num_heads,
+                    desc.tokens_per_block, desc.entry_bytes, desc.layout, desc.device)
+            else:
+                self._store.register_layers(layers, page, num_blocks)
             self._start_agent(layers, page, num_blocks)
             # Peers read blocks in place from the store's host arena.
             self._agent.register(*self._store.arena())
@@ -754,8 +760,10 @@ class KvmeshConnector(KVConnectorBase_V1):
         if n:
             self._store.inject_load_failures(n)
         log.info(
-            "kvmesh: %d layers, %d blocks of %d bytes per layer; store block %d bytes, host tier %d blocks%s",
-            len(layers),
+            "kvmesh: %d %s page lists, %d blocks of %d bytes per page; store block %d bytes, host "
+            "tier %d blocks%s",
+            len(desc.layers),
+            f"GPU ({desc.layout})" if self._gpu else "host",
             num_blocks,
             page,
             block_bytes,
@@ -805,8 +813,15 @@ class KvmeshConnector(KVConnectorBase_V1):
             for t in meta.loads:
                 self._load_errors.update(t.block_ids)
             return
+        if self._gpu:
+            # The copies overwrite blocks: after the work already queued on the GPU.
+            self._store.order_after(torch.cuda.current_stream().cuda_stream)
         for t in meta.loads:
-            ok = self._store.load(t.keys, t.block_ids)
+            try:
+                ok = self._store.load(t.keys, t.block_ids)
+            except RuntimeError as e:  # a failed GPU copy: every block of it is unknown
+                log.error("kvmesh: %s", e)
+                ok = [False] * len(t.block_ids)
             for b, good in zip(t.block_ids, ok):
                 if not good:
                     self._load_errors.add(b)
@@ -906,6 +921,8 @@ class KvmeshConnector(KVConnectorBase_V1):
         return failed + p.peer_ids[got:]
 
     def _pull_from_peer(self, p: Pull) -> int:
+        if not self._layers:
+            raise RuntimeError("this engine's KV pages are in GPU memory, which kvtransfer does not move")
         peer = self._peer(p.host, p.port)
         lookup = f"{self._agent.name}/{next(self._lookup_ids)}"
         slot: list[Any] = [threading.Event(), None]
@@ -959,6 +976,9 @@ class KvmeshConnector(KVConnectorBase_V1):
             if not r.local_ids:
                 self._agent.send_notif(peer, r.remote_request_id.encode())
                 return
+            if not self._layers:
+                raise RuntimeError("this engine's KV pages are in GPU memory, which kvtransfer "
+                                   "does not move")
             if r.page_bytes != self._page or len(r.remote_layers) != len(self._layers):
                 raise ValueError(
                     f"the prefill engine's KV layout ({len(r.remote_layers)} layers of "
@@ -992,6 +1012,9 @@ class KvmeshConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, KvmeshConnectorMetadata) or not meta.saves or self._store is None:
             return
+        if self._gpu:
+            # The copies read what this step's forward pass wrote: after it, on the GPU.
+            self._store.order_after(torch.cuda.current_stream().cuda_stream)
         for t in meta.saves:
             with self._lock:
                 self._inflight[t.req_id] += 1
