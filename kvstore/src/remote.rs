@@ -6,6 +6,15 @@
 //! timeout; failed operations are retried on a fresh connection a configured number of times and
 //! then fail closed ([`StoreError::Remote`] / [`StoreError::Timeout`]): a caller never gets a
 //! block it cannot trust, and a dead remote only costs the timeout.
+//!
+//! The Redis tier speaks RESP2 itself on a `TcpStream` (or Unix socket; the URL, with AUTH and
+//! database, is parsed by the `redis` crate): `SET` is one vectored write of the framing and
+//! value header from a small buffer and the payload from the caller's slice, and a `GET` reply
+//! is read straight into the block it is returned in. A general client copies a large value
+//! twice more each way (into the command and its packed form; into the parser's buffer and out
+//! of it), which costs more than the checksum pass. A connection that sees anything unexpected
+//! (an error reply, a malformed line, a timeout) is dropped, never reused; a value of the wrong
+//! size is read past and refused.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -49,14 +58,33 @@ fn value_header(key: BlockKey, data: &[u8]) -> [u8; VALUE_HEADER] {
     h
 }
 
-/// Checks a remote value (header + payload) for `key`; returns the payload range.
-fn check_value(tier: &'static str, key: BlockKey, v: &[u8], block_bytes: usize) -> Result<()> {
+/// Checks a remote value (its header `h` and payload `p`) for `key`.
+fn check_value(
+    tier: &'static str,
+    key: BlockKey,
+    h: &[u8; VALUE_HEADER],
+    p: &[u8],
+    block_bytes: usize,
+) -> Result<()> {
+    check_header(tier, key, h, VALUE_HEADER + p.len(), block_bytes)?;
+    let sum = u64::from_le_bytes(h[20..28].try_into().unwrap());
+    if xxh3_64(p) != sum {
+        return Err(StoreError::corrupt(tier, key, "payload checksum mismatch"));
+    }
+    Ok(())
+}
+
+/// Checks the header of a value of `total` bytes; the payload is not looked at.
+fn check_header(
+    tier: &'static str,
+    key: BlockKey,
+    v: &[u8],
+    total: usize,
+    block_bytes: usize,
+) -> Result<()> {
     let bad = |r: String| Err(StoreError::corrupt(tier, key, r));
     if v.len() < VALUE_HEADER {
-        return bad(format!(
-            "value of {} bytes is shorter than its header",
-            v.len()
-        ));
+        return bad(format!("value of {total} bytes is shorter than its header"));
     }
     let u32at = |o: usize| u32::from_le_bytes(v[o..o + 4].try_into().unwrap());
     let u64at = |o: usize| u64::from_le_bytes(v[o..o + 8].try_into().unwrap());
@@ -67,17 +95,30 @@ fn check_value(tier: &'static str, key: BlockKey, v: &[u8], block_bytes: usize) 
         return bad(format!("value is for key {:016x}", u64at(8)));
     }
     let len = u32at(16) as usize;
-    if len != block_bytes || v.len() != VALUE_HEADER + len {
+    if len != block_bytes || total != VALUE_HEADER + len {
         return bad(format!(
             "length {} (header) / {} (value), blocks are {block_bytes}",
             len,
-            v.len() - VALUE_HEADER
+            total - VALUE_HEADER
         ));
     }
-    if xxh3_64(&v[VALUE_HEADER..]) != u64at(20) {
-        return bad("payload checksum mismatch".into());
-    }
     Ok(())
+}
+
+/// A value of the wrong total size `total` (of which `h` is the start): always refused.
+fn check_short(
+    tier: &'static str,
+    key: BlockKey,
+    h: &[u8],
+    total: usize,
+    block_bytes: usize,
+) -> Result<Vec<u8>> {
+    check_header(tier, key, h, total, block_bytes)?;
+    Err(StoreError::corrupt(
+        tier,
+        key,
+        format!("value of {total} bytes, blocks are {block_bytes}"),
+    ))
 }
 
 /// Settings of a remote tier.
@@ -179,56 +220,298 @@ impl RedisConfig {
     }
 }
 
-/// A remote value: header then payload, one Redis argument, no intermediate copy.
-struct Headered<'a> {
-    header: [u8; VALUE_HEADER],
-    data: &'a [u8],
+/// Where the Redis server listens.
+#[derive(Clone, Debug)]
+enum RedisAddr {
+    Tcp(String, u16),
+    Unix(std::path::PathBuf),
 }
 
-impl redis::ToRedisArgs for Headered<'_> {
-    fn write_redis_args<W>(&self, out: &mut W)
-    where
-        W: ?Sized + redis::RedisWrite,
-    {
-        out.reserve_space_for_args([VALUE_HEADER + self.data.len()]);
-        let mut w = out.writer_for_next_arg();
-        // Writing into the command's in-memory buffer cannot fail.
-        let _ = w.write_all(&self.header);
-        let _ = w.write_all(self.data);
+/// A byte stream to Redis.
+enum RedisStream {
+    Tcp(TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl RedisStream {
+    fn set_timeouts(&self, t: Duration) -> std::io::Result<()> {
+        match self {
+            RedisStream::Tcp(s) => s
+                .set_read_timeout(Some(t))
+                .and_then(|_| s.set_write_timeout(Some(t)))
+                .and_then(|_| s.set_nodelay(true)),
+            RedisStream::Unix(s) => s
+                .set_read_timeout(Some(t))
+                .and_then(|_| s.set_write_timeout(Some(t))),
+        }
+    }
+}
+
+impl Read for RedisStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            RedisStream::Tcp(s) => s.read(buf),
+            RedisStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for RedisStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            RedisStream::Tcp(s) => s.write(buf),
+            RedisStream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            RedisStream::Tcp(s) => s.write_vectored(bufs),
+            RedisStream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Bytes of a connection's read buffer (reply lines and the start of a value; the rest of a
+/// value is read straight into its destination).
+const READ_BUF: usize = 16 << 10;
+/// Longest reply line accepted (status, error, length).
+const MAX_LINE: usize = 4096;
+
+/// One reply's first line.
+enum Reply {
+    /// `+...`
+    Status(Vec<u8>),
+    /// `:n`
+    Int(i64),
+    /// `$-1`
+    Nil,
+    /// `$n`: `n` bytes and CRLF follow.
+    Bulk(usize),
+}
+
+/// A connection speaking RESP2 on the socket: commands are written with one vectored write
+/// straight from the caller's block (no command buffer), and a value is read straight into the
+/// block it is returned in, so a block crosses user space once each way.
+struct RedisConn {
+    s: RedisStream,
+    buf: Box<[u8]>,
+    pos: usize,
+    end: usize,
+}
+
+/// A protocol-level failure: the connection is dropped (never reused) and the operation retried.
+fn proto(tier: &str, what: impl Into<String>) -> StoreError {
+    StoreError::Remote {
+        tier: tier.to_string(),
+        reason: what.into(),
+    }
+}
+
+impl RedisConn {
+    fn new(s: RedisStream) -> Self {
+        RedisConn {
+            s,
+            buf: vec![0u8; READ_BUF].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+        }
+    }
+
+    /// Writes all of `parts`, in order, with as few system calls as the socket allows.
+    fn send(&mut self, parts: &mut [std::io::IoSlice<'_>]) -> std::io::Result<()> {
+        let mut parts = parts;
+        std::io::IoSlice::advance_slices(&mut parts, 0);
+        while !parts.is_empty() {
+            match self.s.write_vectored(parts) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => std::io::IoSlice::advance_slices(&mut parts, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self) -> std::io::Result<()> {
+        if self.pos == self.end {
+            self.pos = 0;
+            self.end = 0;
+        } else if self.end == self.buf.len() {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        loop {
+            match self.s.read(&mut self.buf[self.end..]) {
+                Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.end += n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The next reply line without its CRLF: `Ok(Err(..))` for a malformed reply.
+    fn line(&mut self) -> std::io::Result<std::result::Result<Vec<u8>, String>> {
+        let mut scanned = 0;
+        loop {
+            let avail = &self.buf[self.pos + scanned..self.end];
+            if let Some(i) = avail.windows(2).position(|w| w == b"\r\n") {
+                let l = self.buf[self.pos..self.pos + scanned + i].to_vec();
+                self.pos += scanned + i + 2;
+                return Ok(Ok(l));
+            }
+            scanned = (self.end - self.pos).saturating_sub(1);
+            if scanned > MAX_LINE {
+                return Ok(Err("reply line too long".into()));
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Reads one reply's first line; error replies become errors.
+    fn reply(&mut self, tier: &str) -> Result<Reply> {
+        let l = self
+            .line()
+            .map_err(|e| io_to_store(tier, e))?
+            .map_err(|r| proto(tier, r))?;
+        let num = |b: &[u8]| -> Result<i64> {
+            std::str::from_utf8(b)
+                .ok()
+                .and_then(|t| t.parse::<i64>().ok())
+                .ok_or_else(|| proto(tier, "malformed number in reply"))
+        };
+        match l.first() {
+            Some(b'+') => Ok(Reply::Status(l[1..].to_vec())),
+            Some(b'-') => Err(proto(
+                tier,
+                format!("server error: {}", String::from_utf8_lossy(&l[1..])),
+            )),
+            Some(b':') => Ok(Reply::Int(num(&l[1..])?)),
+            Some(b'$') => match num(&l[1..])? {
+                -1 => Ok(Reply::Nil),
+                n if n >= 0 => Ok(Reply::Bulk(n as usize)),
+                _ => Err(proto(tier, "negative value length")),
+            },
+            _ => Err(proto(tier, "unexpected reply type")),
+        }
+    }
+
+    /// Reads exactly `dst.len()` bytes of the current value (buffered bytes first, the rest
+    /// straight from the socket).
+    fn read_into(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
+        let have = (self.end - self.pos).min(dst.len());
+        dst[..have].copy_from_slice(&self.buf[self.pos..self.pos + have]);
+        self.pos += have;
+        if have < dst.len() {
+            self.s.read_exact(&mut dst[have..])?;
+        }
+        Ok(())
+    }
+
+    /// Skips `n` bytes of the current value.
+    fn skip(&mut self, mut n: usize) -> std::io::Result<()> {
+        while n > 0 {
+            if self.pos == self.end {
+                self.fill()?;
+            }
+            let k = (self.end - self.pos).min(n);
+            self.pos += k;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    /// Reads the CRLF that ends a value.
+    fn crlf(&mut self, tier: &str) -> Result<()> {
+        let mut t = [0u8; 2];
+        self.read_into(&mut t).map_err(|e| io_to_store(tier, e))?;
+        if t != *b"\r\n" {
+            return Err(proto(tier, "value not followed by CRLF"));
+        }
+        Ok(())
+    }
+
+    /// Sends a command of small arguments and reads its reply's first line.
+    fn call(&mut self, tier: &str, args: &[&[u8]]) -> Result<Reply> {
+        let mut cmd = Vec::with_capacity(64);
+        encode_cmd(&mut cmd, args.len(), args);
+        self.send(&mut [std::io::IoSlice::new(&cmd)])
+            .map_err(|e| io_to_store(tier, e))?;
+        self.reply(tier)
+    }
+}
+
+/// RESP framing of a command of `total` arguments into `out`, starting with `args`.
+fn encode_cmd(out: &mut Vec<u8>, total: usize, args: &[&[u8]]) {
+    let _ = write!(out, "*{total}\r\n");
+    encode_args(out, args);
+}
+
+/// RESP framing of `args` (bulk strings) into `out`.
+fn encode_args(out: &mut Vec<u8>, args: &[&[u8]]) {
+    for a in args {
+        let _ = write!(out, "${}\r\n", a.len());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn io_to_store(tier: &str, e: std::io::Error) -> StoreError {
+    if matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+    ) {
+        StoreError::Timeout {
+            tier: tier.to_string(),
+            ms: 0,
+        }
+    } else {
+        proto(tier, e.to_string())
     }
 }
 
 /// Blocks in Redis, one string value per block.
 pub struct RedisTier {
-    client: redis::Client,
+    addr: RedisAddr,
+    info: redis::RedisConnectionInfo,
+    /// `redis <url>`, for errors.
+    label: String,
     cfg: RedisConfig,
-    pool: Mutex<Vec<redis::Connection>>,
+    pool: Mutex<Vec<RedisConn>>,
     stats: TierCounters,
-}
-
-fn redis_err(cfg: &RedisConfig, e: redis::RedisError) -> StoreError {
-    if e.is_timeout() {
-        StoreError::Timeout {
-            tier: format!("redis {}", cfg.url),
-            ms: cfg.remote.timeout.as_millis() as u64,
-        }
-    } else {
-        StoreError::Remote {
-            tier: format!("redis {}", cfg.url),
-            reason: e.to_string(),
-        }
-    }
 }
 
 impl RedisTier {
     /// A tier on `cfg.url`; connects lazily, so a dead server shows up as errors on use.
     pub fn new(cfg: RedisConfig) -> Result<Self> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| StoreError::Remote {
-            tier: format!("redis {}", cfg.url),
-            reason: format!("bad URL: {e}"),
-        })?;
+        let label = format!("redis {}", cfg.url);
+        let bad = |reason: String| StoreError::Remote {
+            tier: label.clone(),
+            reason,
+        };
+        let client =
+            redis::Client::open(cfg.url.as_str()).map_err(|e| bad(format!("bad URL: {e}")))?;
+        let ci = client.get_connection_info();
+        let addr = match &ci.addr {
+            redis::ConnectionAddr::Tcp(h, p) => RedisAddr::Tcp(h.clone(), *p),
+            redis::ConnectionAddr::Unix(p) => RedisAddr::Unix(p.clone()),
+            other => {
+                return Err(bad(format!(
+                    "unsupported address {other} (TCP or Unix only)"
+                )))
+            }
+        };
         Ok(RedisTier {
-            client,
+            addr,
+            info: ci.redis.clone(),
+            label,
             cfg,
             pool: Mutex::new(Vec::new()),
             stats: TierCounters::default(),
@@ -239,39 +522,101 @@ impl RedisTier {
         format!("{}{:016x}", self.cfg.prefix, key.0)
     }
 
-    fn connect(&self) -> Result<redis::Connection> {
+    /// A timeout error with the configured limit.
+    fn err(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Timeout { .. } => StoreError::Timeout {
+                tier: self.label.clone(),
+                ms: self.cfg.remote.timeout.as_millis() as u64,
+            },
+            StoreError::Remote { reason, .. } => StoreError::Remote {
+                tier: self.label.clone(),
+                reason,
+            },
+            e => e,
+        }
+    }
+
+    fn connect(&self) -> Result<RedisConn> {
         let t = self.cfg.remote.timeout;
-        let c = self
-            .client
-            .get_connection_with_timeout(t)
-            .map_err(|e| redis_err(&self.cfg, e))?;
-        c.set_read_timeout(Some(t))
-            .and_then(|_| c.set_write_timeout(Some(t)))
-            .map_err(|e| redis_err(&self.cfg, e))?;
+        let io = |e: std::io::Error| self.err(io_to_store(&self.label, e));
+        let s = match &self.addr {
+            RedisAddr::Tcp(h, p) => {
+                let addrs: Vec<SocketAddr> =
+                    (h.as_str(), *p).to_socket_addrs().map_err(io)?.collect();
+                let mut last = None;
+                let mut got = None;
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, t) {
+                        Ok(s) => {
+                            got = Some(s);
+                            break;
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                match got {
+                    Some(s) => RedisStream::Tcp(s),
+                    None => {
+                        return Err(io(last.unwrap_or_else(|| {
+                            std::io::Error::new(
+                                std::io::ErrorKind::NotFound,
+                                "address resolves to nothing",
+                            )
+                        })))
+                    }
+                }
+            }
+            RedisAddr::Unix(p) => {
+                RedisStream::Unix(std::os::unix::net::UnixStream::connect(p).map_err(io)?)
+            }
+        };
+        s.set_timeouts(t).map_err(io)?;
+        let mut c = RedisConn::new(s);
+        if let Some(pw) = &self.info.password {
+            let r = match &self.info.username {
+                Some(u) => c.call(&self.label, &[b"AUTH", u.as_bytes(), pw.as_bytes()]),
+                None => c.call(&self.label, &[b"AUTH", pw.as_bytes()]),
+            };
+            expect_ok(&self.label, r.map_err(|e| self.err(e))?)?;
+        }
+        if self.info.db != 0 {
+            let db = self.info.db.to_string();
+            let r = c.call(&self.label, &[b"SELECT", db.as_bytes()]);
+            expect_ok(&self.label, r.map_err(|e| self.err(e))?)?;
+        }
         Ok(c)
     }
 
-    fn run<T>(&self, op: impl FnMut(&mut redis::Connection) -> Result<T>) -> Result<T> {
+    fn run<T>(&self, mut op: impl FnMut(&mut RedisConn) -> Result<T>) -> Result<T> {
         with_retries(
             "redis",
             &self.cfg.remote,
             &self.stats,
             &self.pool,
             || self.connect(),
-            op,
+            |c| op(c).map_err(|e| self.err(e)),
         )
+    }
+
+    fn int_call(&self, cmd: &[u8], key: BlockKey) -> Result<i64> {
+        let k = self.key(key);
+        self.run(|c| match c.call(&self.label, &[cmd, k.as_bytes()])? {
+            Reply::Int(n) => Ok(n),
+            _ => Err(proto(&self.label, "expected an integer reply")),
+        })
     }
 
     /// Deletes a block (used when a value fails verification).
     pub fn remove(&self, key: BlockKey) -> Result<()> {
-        let k = self.key(key);
-        self.run(|c| {
-            redis::cmd("DEL")
-                .arg(&k)
-                .query::<i64>(c)
-                .map(|_| ())
-                .map_err(|e| redis_err(&self.cfg, e))
-        })
+        self.int_call(b"DEL", key).map(|_| ())
+    }
+}
+
+fn expect_ok(tier: &str, r: Reply) -> Result<()> {
+    match r {
+        Reply::Status(s) if s == b"OK" => Ok(()),
+        _ => Err(proto(tier, "expected +OK")),
     }
 }
 
@@ -289,19 +634,30 @@ impl RemoteTier for RedisTier {
             )));
         }
         let t0 = Instant::now();
-        // Header and payload are written straight into the command buffer as one argument.
-        let v = Headered {
-            header: value_header(key, data),
-            data,
-        };
+        // `SET key <header><payload> [PX ms]`: the framing and header in one small buffer, the
+        // payload written from the caller's slice, all in one vectored write.
         let k = self.key(key);
+        let ttl = self.cfg.ttl.map(|t| t.as_millis().max(1).to_string());
+        let mut head = Vec::with_capacity(96);
+        encode_cmd(
+            &mut head,
+            if ttl.is_some() { 5 } else { 3 },
+            &[b"SET", k.as_bytes()],
+        );
+        let _ = write!(head, "${}\r\n", VALUE_HEADER + data.len());
+        head.extend_from_slice(&value_header(key, data));
+        let mut tail = b"\r\n".to_vec();
+        if let Some(ms) = &ttl {
+            encode_args(&mut tail, &[b"PX", ms.as_bytes()]);
+        }
         self.run(|c| {
-            let mut cmd = redis::cmd("SET");
-            cmd.arg(&k).arg(&v);
-            if let Some(ttl) = self.cfg.ttl {
-                cmd.arg("PX").arg(ttl.as_millis().max(1) as u64);
-            }
-            cmd.query::<()>(c).map_err(|e| redis_err(&self.cfg, e))
+            c.send(&mut [
+                std::io::IoSlice::new(&head),
+                std::io::IoSlice::new(data),
+                std::io::IoSlice::new(&tail),
+            ])
+            .map_err(|e| io_to_store(&self.label, e))?;
+            expect_ok(&self.label, c.reply(&self.label)?)
         })?;
         self.stats.write_done(data.len(), t0);
         Ok(())
@@ -310,38 +666,60 @@ impl RemoteTier for RedisTier {
     fn get(&self, key: BlockKey) -> Result<Option<Bytes>> {
         let t0 = Instant::now();
         let k = self.key(key);
-        let v: Option<Vec<u8>> = self.run(|c| {
-            redis::cmd("GET")
-                .arg(&k)
-                .query::<Option<Vec<u8>>>(c)
-                .map_err(|e| redis_err(&self.cfg, e))
+        let bb = self.cfg.remote.block_bytes;
+        let v = self.run(|c| {
+            match c.call(&self.label, &[b"GET", k.as_bytes()])? {
+                Reply::Nil => Ok(None),
+                Reply::Bulk(n) if n == VALUE_HEADER + bb => {
+                    let mut h = [0u8; VALUE_HEADER];
+                    let mut p = vec![0u8; bb];
+                    c.read_into(&mut h)
+                        .and_then(|_| c.read_into(&mut p))
+                        .map_err(|e| io_to_store(&self.label, e))?;
+                    c.crlf(&self.label)?;
+                    Ok(Some(Ok((h, p))))
+                }
+                Reply::Bulk(n) => {
+                    // A value of the wrong size: read past it (the connection stays usable)
+                    // and refuse it.
+                    let mut h = [0u8; VALUE_HEADER];
+                    let m = n.min(VALUE_HEADER);
+                    c.read_into(&mut h[..m])
+                        .and_then(|_| c.skip(n - m))
+                        .map_err(|e| io_to_store(&self.label, e))?;
+                    c.crlf(&self.label)?;
+                    Ok(Some(Err((h, m, n))))
+                }
+                _ => Err(proto(&self.label, "expected a value")),
+            }
         })?;
-        let Some(v) = v else {
-            self.stats.miss();
-            return Ok(None);
+        let checked = match v {
+            None => {
+                self.stats.miss();
+                return Ok(None);
+            }
+            Some(Ok((h, p))) => check_value("redis", key, &h, &p, bb).map(|_| p),
+            Some(Err((h, m, n))) => check_short("redis", key, &h[..m], n, bb),
         };
-        if let Err(e) = check_value("redis", key, &v, self.cfg.remote.block_bytes) {
-            self.stats.error();
-            self.stats
-                .corrupt
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::error!(error = %e, "redis tier: bad value dropped");
-            let _ = self.remove(key);
-            return Err(e);
+        match checked {
+            Ok(p) => {
+                self.stats.read_done(p.len(), t0);
+                Ok(Some(Bytes::from(p)))
+            }
+            Err(e) => {
+                self.stats.error();
+                self.stats
+                    .corrupt
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::error!(error = %e, "redis tier: bad value dropped");
+                let _ = self.remove(key);
+                Err(e)
+            }
         }
-        self.stats.read_done(v.len() - VALUE_HEADER, t0);
-        Ok(Some(Bytes::from(v).slice(VALUE_HEADER..)))
     }
 
     fn contains(&self, key: BlockKey) -> Result<bool> {
-        let k = self.key(key);
-        self.run(|c| {
-            redis::cmd("EXISTS")
-                .arg(&k)
-                .query::<i64>(c)
-                .map(|n| n > 0)
-                .map_err(|e| redis_err(&self.cfg, e))
-        })
+        self.int_call(b"EXISTS", key).map(|n| n > 0)
     }
 
     fn stats(&self) -> TierStats {
