@@ -87,8 +87,8 @@ echo "== GPU tests"
 echo "== Python: kvmesh.BlockStore with GPU caches (python/tests/test_gpu_store.py)"
 site=$(mktemp -d)
 if python3 -m pip install -q --no-deps --no-index --target "$site" "$dir"/wheels/kvmesh-*.whl; then
-  PYTHONPATH="$site" python3 -m pytest -q -rs -s python/tests/test_gpu_store.py 2>&1 | tee "$logs/python-gpu.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  PYTHONPATH="$site" python3 -m pytest -q -rs -s python/tests/test_gpu_store.py 2>&1 |
+    tee "$logs/python-gpu.log" || status=1
 else
   echo "installing the kvmesh wheel from $dir/wheels failed" | tee "$logs/python-gpu.log"
   status=1

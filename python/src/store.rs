@@ -574,15 +574,33 @@ impl BlockStore {
     fn save_gpu(&self, keys: &[u64], block_ids: &[u64]) -> PyResult<Vec<u64>> {
         let guard = self.gpu.read();
         let g = guard.as_ref().ok_or_else(not_registered)?;
-        let mut failed = Vec::new();
-        for (&k, &b) in keys.iter().zip(block_ids) {
-            let b = g.check(b).map_err(err)?;
-            let mut gather = |dst: &mut [u8]| g.gather(b, dst);
-            if self.store.put_with(BlockKey(k), &mut gather, None).is_err() {
-                failed.push(k);
+        let blocks = block_ids
+            .iter()
+            .map(|&b| g.check(b))
+            .collect::<Result<Vec<u32>, _>>()
+            .map_err(err)?;
+        // Each block is gathered straight into its host slot and waited for before the slot is
+        // published; a few threads keep several gathers queued on the GPU meanwhile.
+        let threads = keys.len().clamp(1, 4);
+        let failed = Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (failed, blocks) = (&failed, &blocks);
+                s.spawn(move || {
+                    for i in (t..keys.len()).step_by(threads) {
+                        let mut gather = |dst: &mut [u8]| g.gather(blocks[i], dst);
+                        if self
+                            .store
+                            .put_with(BlockKey(keys[i]), &mut gather, None)
+                            .is_err()
+                        {
+                            failed.lock().push(keys[i]);
+                        }
+                    }
+                });
             }
-        }
-        Ok(failed)
+        });
+        Ok(failed.into_inner())
     }
 
     /// Scatters the host slots of the blocks under `keys` into GPU blocks `block_ids` with one
