@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the CUDA copy engine's GPU suite and the GPU benchmark in one go, on a machine with a GPU.
+# Runs kvmesh's GPU suite (the CUDA copy engine's tests, kvtransfer's GPU-memory tests and the
+# Python store with GPU caches) and the GPU benchmark in one go, on a machine with a GPU.
 #
 #   kvstore/cuda/run-gpu.sh [--quick]             build with cargo, then test and bench here
 #   kvstore/cuda/run-gpu.sh --pack DIR            build only (no GPU needed), put the binaries in DIR
@@ -44,6 +45,7 @@ build() {
   local out=$1
   mkdir -p "$out"
   cargo test --release -p kvstore-cuda --no-run
+  cargo test --release -p kvtransfer --features cuda --test gpu --no-run
   cargo bench --bench gpu --no-run
   while read -r what exe; do
     case $what in
@@ -52,9 +54,12 @@ build() {
     esac
   done < <(executables test --release -p kvstore-cuda)
   while read -r what exe; do
+    [ "$what" = test:gpu ] && cp "$exe" "$out/transfer-gpu-tests"
+  done < <(executables test --release -p kvtransfer --features cuda --test gpu)
+  while read -r what exe; do
     [ "$what" = bench:gpu ] && cp "$exe" "$out/gpu-bench"
   done < <(executables bench --bench gpu)
-  for f in unit gpu-tests gpu-bench; do
+  for f in unit gpu-tests transfer-gpu-tests gpu-bench; do
     [ -x "$out/$f" ] || { echo "build did not produce $f" >&2; exit 1; }
   done
   # The Python package (kvmesh.BlockStore with GPU caches, as the vLLM connector uses it).
@@ -84,6 +89,8 @@ echo "== unit tests"
 "$dir/unit" 2>&1 | tee "$logs/unit.log" || status=1
 echo "== GPU tests"
 "$dir/gpu-tests" 2>&1 | tee "$logs/gpu-tests.log" || status=1
+echo "== kvtransfer: GPU memory through host staging"
+"$dir/transfer-gpu-tests" --nocapture 2>&1 | tee "$logs/transfer-gpu-tests.log" || status=1
 echo "== Python: kvmesh.BlockStore with GPU caches (python/tests/test_gpu_store.py)"
 site=$(mktemp -d)
 if python3 -m pip install -q --no-deps --no-index --target "$site" "$dir"/wheels/kvmesh-*.whl; then

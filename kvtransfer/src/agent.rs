@@ -64,6 +64,12 @@ pub(crate) struct LocalRegion {
     pub ucx: Option<(usize, Vec<u8>)>,
 }
 
+/// What an incoming transfer touches (see [`Inner::check_incoming`]).
+pub(crate) struct Incoming {
+    pub keep: Vec<HostBuffer>,
+    pub staging: Option<crate::gpu::Staging>,
+}
+
 pub(crate) struct Remote {
     pub meta: AgentMetadata,
     pub table: RegionTable,
@@ -148,13 +154,16 @@ impl Inner {
     }
 
     /// Validates incoming remote segments against the live region table; returns the owners
-    /// of kvtransfer-allocated memory touched, to keep them alive while in use.
-    pub fn check_incoming(&self, segs: &[Seg]) -> Result<Vec<HostBuffer>, String> {
+    /// of kvtransfer-allocated memory touched, to keep them alive while in use, and, when some
+    /// segments are GPU memory, a host staging buffer standing in for all of them.
+    pub fn check_incoming(&self, segs: &[Seg]) -> Result<Incoming, String> {
         let g = self.regions.read();
         let mut ids: Vec<u32> = Vec::new();
+        let mut gpu = false;
         for (i, s) in segs.iter().enumerate() {
-            match g.0.find(s.addr, s.len, MemKind::Dram, 0) {
-                Some(id) => {
+            match g.0.find_any(s.addr, s.len) {
+                Some((id, kind, _)) => {
+                    gpu |= kind == MemKind::Vram;
                     if ids.last() != Some(&id) {
                         ids.push(id)
                     }
@@ -169,10 +178,37 @@ impl Inner {
         }
         ids.sort_unstable();
         ids.dedup();
-        Ok(ids
+        let keep = ids
             .iter()
             .filter_map(|id| g.1.get(id).and_then(|r| r.owner.clone()))
-            .collect())
+            .collect();
+        #[cfg(feature = "cuda")]
+        let staging = if gpu {
+            let pieces = segs
+                .iter()
+                .filter(|s| s.len > 0)
+                .filter_map(|s| {
+                    let (_, kind, dev) = g.0.find_any(s.addr, s.len)?;
+                    Some(crate::gpu::Piece {
+                        kind,
+                        dev,
+                        addr: s.addr,
+                        off: 0,
+                        len: s.len as usize,
+                    })
+                })
+                .collect();
+            Some(crate::gpu::Staging::new(pieces).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "cuda"))]
+        let staging = if gpu {
+            return Err("GPU memory is registered but kvtransfer lacks its cuda feature".into());
+        } else {
+            None
+        };
+        Ok(Incoming { keep, staging })
     }
 
     pub fn submit(self: &Arc<Self>, st: &Arc<XferShared>) -> Result<()> {
@@ -307,12 +343,14 @@ impl Agent {
         )
     }
 
-    /// Registers memory the caller owns.
+    /// Registers memory the caller owns: host memory ([`MemKind::Dram`]) or, with the `cuda`
+    /// feature, memory of GPU `dev` ([`MemKind::Vram`]; checked to lie in one device
+    /// allocation; moved over TCP through host staging).
     ///
     /// # Safety
-    /// `[addr, addr + len)` must stay valid, readable and writable memory of this process until
-    /// it is deregistered and no transfer touches it any more; remote agents read and write it
-    /// at any time in between.
+    /// `[addr, addr + len)` must stay valid, readable and writable memory of this process (or
+    /// of the GPU) until it is deregistered and no transfer touches it any more; remote agents
+    /// read and write it at any time in between.
     pub unsafe fn register_raw(
         &self,
         addr: u64,
@@ -320,11 +358,14 @@ impl Agent {
         kind: MemKind,
         dev: u32,
     ) -> Result<RegionId> {
-        if kind != MemKind::Dram {
+        if kind == MemKind::Vram {
+            #[cfg(not(feature = "cuda"))]
             return Err(Error::Unavailable {
-                backend: "any",
-                msg: "GPU memory registration needs the GPU build".into(),
+                backend: "cuda",
+                msg: "GPU memory registration needs kvtransfer's cuda feature".into(),
             });
+            #[cfg(feature = "cuda")]
+            crate::gpu::check_region(addr, len, dev)?;
         }
         self.insert_region(addr, len, kind, dev, None)
     }
@@ -345,7 +386,7 @@ impl Agent {
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         let mut g = self.inner.regions.write();
         g.0.insert(addr, len, id, kind, dev)?;
-        let ucx = match self.inner.ucx.get() {
+        let ucx = match self.inner.ucx.get().filter(|_| kind == MemKind::Dram) {
             Some(u) => match u.register(addr, len) {
                 Ok(x) => Some(x),
                 Err(e) => {
@@ -481,13 +522,23 @@ impl Agent {
                 remote_descs.len()
             )));
         }
-        if local.kind() != MemKind::Dram || remote_descs.kind() != MemKind::Dram {
+        let gpu = local.kind() == MemKind::Vram || remote_descs.kind() == MemKind::Vram;
+        if gpu && cfg!(not(feature = "cuda")) {
             return Err(Error::Unavailable {
-                backend: "any",
-                msg: "GPU memory transfers need the GPU build".into(),
+                backend: "cuda",
+                msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
             });
         }
         let backend = match backend {
+            // GPU memory goes through host staging, which the TCP backend does on both sides.
+            None if gpu => Backend::Tcp,
+            Some(b @ (Backend::Shm | Backend::Ucx)) if gpu => {
+                return Err(Error::Unavailable {
+                    backend: b.name(),
+                    msg: "GPU memory moves over TCP through host staging (no GPUDirect here)"
+                        .into(),
+                })
+            }
             Some(b) => b,
             None => self.default_backend(remote)?,
         };
@@ -592,6 +643,33 @@ impl Agent {
         } else {
             Vec::new()
         };
+        // This side's GPU descriptors: the backend moves a host staging buffer in their place.
+        #[cfg(feature = "cuda")]
+        let staging = if local.kind() == MemKind::Vram {
+            let dev = local.as_slice().first().map_or(0, |d| d.dev);
+            if local.as_slice().iter().any(|d| d.dev != dev) {
+                return Err(Error::Invalid(
+                    "the local descriptors of one transfer must be on one GPU".into(),
+                ));
+            }
+            let pieces = lsegs
+                .iter()
+                .map(|s| crate::gpu::Piece {
+                    kind: MemKind::Vram,
+                    dev,
+                    addr: s.addr,
+                    off: 0,
+                    len: s.len as usize,
+                })
+                .collect();
+            let s = crate::gpu::Staging::new(pieces)?;
+            lsegs = s.segs();
+            Some(s)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "cuda"))]
+        let staging = None;
         Ok(XferHandle {
             st: Arc::new(XferShared {
                 op,
@@ -614,6 +692,7 @@ impl Agent {
                 cv: Condvar::new(),
                 notify: tokio::sync::Notify::new(),
                 agent: Arc::downgrade(&self.inner),
+                staging,
             }),
         })
     }

@@ -18,6 +18,9 @@
 //! * `Ucx`: UCP RMA put/get with remote keys and active messages for notifications, through
 //!   `kvmesh-ucx-sys` with `libucp` loaded at run time ([`AgentConfig::ucx`]).
 //!
+//! GPU memory ([`MemKind::Vram`], feature `cuda`) is registered like host memory and moves over
+//! TCP through pinned host staging buffers (no GPUDirect here); see the `gpu` module.
+//!
 //! Failures fail closed: a dead or silent peer fails every transfer in flight on it within the
 //! agent's timeout, a notification is only delivered when every byte of its WRITE arrived, and a
 //! transfer is never reported complete unless all of its bytes moved.
@@ -25,6 +28,11 @@
 mod agent;
 mod desc;
 mod error;
+#[cfg(feature = "cuda")]
+mod gpu;
+#[cfg(not(feature = "cuda"))]
+#[path = "gpu_off.rs"]
+mod gpu;
 mod mem;
 mod metadata;
 mod shm;

@@ -159,6 +159,18 @@ impl RegionTable {
         before != self.regions.len()
     }
 
+    /// The region containing `[addr, addr+len)`, of any kind: `(id, kind, dev)`.
+    #[inline]
+    pub fn find_any(&self, addr: u64, len: u64) -> Option<(u32, MemKind, u32)> {
+        let end = addr.checked_add(len)?;
+        let i = self.regions.partition_point(|r| r.0 <= addr);
+        if i == 0 {
+            return None;
+        }
+        let r = self.regions[i - 1];
+        (end <= r.0 + r.1).then_some((r.2, r.3, r.4))
+    }
+
     /// The region id containing `[addr, addr+len)` of `kind`/`dev`, if any.
     #[inline]
     pub fn find(&self, addr: u64, len: u64, kind: MemKind, dev: u32) -> Option<u32> {

@@ -367,6 +367,9 @@ struct WriteState {
     total: u64,
     notif: Option<Vec<u8>>,
     _keep: Vec<crate::HostBuffer>,
+    /// GPU memory among the segments: the data is received here (`segs` names it) and copied
+    /// out to the real segments before the write is acknowledged.
+    staging: Option<crate::gpu::Staging>,
 }
 
 /// Serves one incoming connection (target side).
@@ -445,9 +448,14 @@ async fn serve(inner: Arc<Inner>, s: TcpStream) -> std::io::Result<()> {
                     wire::decode_segs(&body, n).ok_or_else(|| bad("short descriptors".into()))?;
                 let notif = (h.status & 1 == 1).then(|| body[n * 16..].to_vec());
                 let total: u64 = segs.iter().map(|s| s.len).sum();
-                let (keep, err) = match inner.check_incoming(&segs) {
-                    Ok(k) => (k, None),
-                    Err(e) => (Vec::new(), Some(e)),
+                let (keep, staging, mut err) = match inner.check_incoming(&segs) {
+                    Ok(inc) => (inc.keep, inc.staging, None),
+                    Err(e) => (Vec::new(), None, Some(e)),
+                };
+                // GPU memory is read through, or written into, host staging.
+                let segs = match &staging {
+                    Some(s) => vec![s.seg()],
+                    None => segs,
                 };
                 if h.kind == wire::WRITE {
                     cur = Some(WriteState {
@@ -459,9 +467,14 @@ async fn serve(inner: Arc<Inner>, s: TcpStream) -> std::io::Result<()> {
                         total,
                         notif,
                         _keep: keep,
+                        staging,
                     });
                 } else {
+                    if let Some(Err(e)) = staging.as_ref().map(|s| s.gather()) {
+                        err = Some(e.to_string());
+                    }
                     let Some(p) = peer.clone() else { continue };
+                    // `staging` (which `segs` may name) lives until the read is served.
                     serve_read(&inner, &mut wr, h.id, &segs, total, err, notif, p).await?;
                 }
             }
@@ -495,6 +508,8 @@ async fn serve(inner: Arc<Inner>, s: TcpStream) -> std::io::Result<()> {
                         wire::ST_ERR,
                         format!("received {} of {} bytes", w.got, w.total),
                     )
+                } else if let Some(Err(e)) = w.staging.as_ref().map(|s| s.scatter()) {
+                    (wire::ST_ERR, e.to_string())
                 } else {
                     if let Some(m) = w.notif {
                         inner.push_notif(Notif {

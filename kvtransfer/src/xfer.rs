@@ -113,12 +113,21 @@ pub(crate) struct XferShared {
     pub cv: Condvar,
     pub notify: tokio::sync::Notify,
     pub agent: std::sync::Weak<Inner>,
+    /// Host staging of this side's GPU descriptors (the backends move `local`, which then names
+    /// the staging buffer): filled before a WRITE is sent, emptied into the GPU once a READ has
+    /// arrived, before the transfer is done.
+    pub staging: Option<crate::gpu::Staging>,
 }
 
 impl XferShared {
     /// Finishes the current post. Called exactly once per post by the backend, after it stopped
     /// touching the transfer's memory.
-    pub fn complete(&self, res: Result<()>) {
+    pub fn complete(&self, mut res: Result<()>) {
+        if let (Ok(()), Op::Read, Some(s)) = (&res, self.op, &self.staging) {
+            if self.state.load(Ordering::Acquire) == PENDING {
+                res = s.scatter();
+            }
+        }
         let now = Instant::now();
         let state = match &res {
             Ok(()) => DONE,
@@ -207,6 +216,12 @@ impl XferHandle {
                 return Err(e);
             }
         };
+        if let (Op::Write, Some(s)) = (st.op, &st.staging) {
+            if let Err(e) = s.gather() {
+                st.complete(Err(e.clone()));
+                return Err(e);
+            }
+        }
         if let Err(e) = agent.submit(&self.st) {
             st.complete(Err(e.clone()));
             return Err(e);

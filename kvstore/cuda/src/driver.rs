@@ -151,6 +151,32 @@ impl Device {
         Ok(v)
     }
 
+    /// Copies `len` bytes from device address `src` to host memory at `dst`, synchronously.
+    ///
+    /// # Safety
+    /// `dst` must be valid for `len` bytes of writes, and `src .. src + len` device memory of
+    /// this GPU (or memory the driver maps for it).
+    pub unsafe fn copy_to_host(&self, dst: *mut u8, src: u64, len: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the caller's contract.
+        check("cuMemcpyDtoH", unsafe {
+            sys::cuMemcpyDtoH_v2(dst as *mut c_void, src, len)
+        })
+    }
+
+    /// Copies `len` bytes from host memory at `src` to device address `dst`, synchronously.
+    ///
+    /// # Safety
+    /// `src` must be valid for `len` bytes of reads, and `dst .. dst + len` device memory of
+    /// this GPU that nothing else uses meanwhile.
+    pub unsafe fn copy_to_device(&self, dst: u64, src: *const u8, len: usize) -> Result<()> {
+        self.bind()?;
+        // SAFETY: the caller's contract.
+        check("cuMemcpyHtoD", unsafe {
+            sys::cuMemcpyHtoD_v2(dst, src as *const c_void, len)
+        })
+    }
+
     /// Waits until all work on the device is done.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;
