@@ -61,13 +61,15 @@ build() {
   done < <(executables bench --bench gpu)
   for f in unit gpu-tests transfer-gpu-tests gpu-bench; do
     [ -x "$out/$f" ] || { echo "build did not produce $f" >&2; exit 1; }
+    # Without debug symbols the pack is a few MiB instead of tens.
+    if command -v strip >/dev/null; then strip "$out/$f"; fi
   done
   # The Python package (kvmesh.BlockStore with GPU caches, as the vLLM connector uses it).
   local maturin
   maturin=$(command -v maturin || echo .cache/vllm-venv/bin/maturin)
   [ -x "$maturin" ] || { echo "maturin is needed to build the kvmesh wheel (pip install maturin)" >&2; exit 1; }
   rm -rf "$out/wheels"
-  "$maturin" build --release --quiet -m python/Cargo.toml -o "$out/wheels"
+  "$maturin" build --release --strip --quiet -m python/Cargo.toml -o "$out/wheels"
 }
 
 case $mode in

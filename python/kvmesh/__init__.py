@@ -17,7 +17,18 @@ from kvmesh._native import (
     EngineStatus,
     IndexClient,
     KvmeshError,
+    Transfer,
+    TransferAgent,
     __version__,
 )
 
-__all__ = ["BlockStore", "EngineScore", "EngineStatus", "IndexClient", "KvmeshError", "__version__"]
+__all__ = [
+    "BlockStore",
+    "EngineScore",
+    "EngineStatus",
+    "IndexClient",
+    "KvmeshError",
+    "Transfer",
+    "TransferAgent",
+    "__version__",
+]

@@ -55,12 +55,21 @@ fn parse_op(op: &str) -> PyResult<Op> {
     }
 }
 
+/// Host memory (`None`) or memory of GPU `Some(ordinal)`.
+fn mem_kind(gpu: Option<u32>) -> (MemKind, u32) {
+    match gpu {
+        Some(dev) => (MemKind::Vram, dev),
+        None => (MemKind::Dram, 0),
+    }
+}
+
 /// Per-layer `(base, block_stride)` pairs and the page size: descriptors of whole blocks.
-fn block_descs(layers: &[(u64, u64)], page: u64, ids: &[u64]) -> DescList {
-    let mut d = DescList::with_capacity(MemKind::Dram, layers.len() * ids.len());
+fn block_descs(layers: &[(u64, u64)], page: u64, ids: &[u64], gpu: Option<u32>) -> DescList {
+    let (kind, dev) = mem_kind(gpu);
+    let mut d = DescList::with_capacity(kind, layers.len() * ids.len());
     for &(base, stride) in layers {
         for &b in ids {
-            d.push(base + b * stride, page, 0);
+            d.push(base + b * stride, page, dev);
         }
     }
     d
@@ -170,12 +179,14 @@ impl TransferAgent {
     }
 
     /// Registers `length` bytes of this process's memory at `address` for peers to read and
-    /// write. The memory must stay valid until the agent is dropped.
-    fn register(&self, address: u64, length: u64) -> PyResult<u32> {
+    /// write, or of GPU `gpu` (an ordinal; moved over TCP through host staging). The memory
+    /// must stay valid until the agent is dropped.
+    #[pyo3(signature = (address, length, gpu=None))]
+    fn register(&self, address: u64, length: u64, gpu: Option<u32>) -> PyResult<u32> {
+        let (kind, dev) = mem_kind(gpu);
         // SAFETY: the caller's contract (documented above): the region stays valid memory of
         // this process for the agent's lifetime.
-        let id =
-            unsafe { self.agent.register_raw(address, length, MemKind::Dram, 0) }.map_err(err)?;
+        let id = unsafe { self.agent.register_raw(address, length, kind, dev) }.map_err(err)?;
         Ok(id.0)
     }
 
@@ -188,8 +199,9 @@ impl TransferAgent {
     /// Reads (`op="read"`: remote into local) or writes (`op="write"`) whole KV blocks:
     /// `local_layers` and `remote_layers` are `(base, block_stride)` per layer, `page_bytes` the
     /// bytes of one block of one layer, and block `local_ids[i]` pairs with `remote_ids[i]`. The
-    /// peer gets `notif` once the data is visible. Returns the posted transfer.
-    #[pyo3(signature = (op, remote, local_layers, remote_layers, page_bytes, local_ids, remote_ids, notif=None, backend=None))]
+    /// peer gets `notif` once the data is visible. `local_gpu`/`remote_gpu` name the GPU holding
+    /// that side's pages (None: host memory). Returns the posted transfer.
+    #[pyo3(signature = (op, remote, local_layers, remote_layers, page_bytes, local_ids, remote_ids, notif=None, backend=None, local_gpu=None, remote_gpu=None))]
     #[allow(clippy::too_many_arguments)]
     fn transfer_blocks(
         &self,
@@ -203,6 +215,8 @@ impl TransferAgent {
         remote_ids: Vec<u64>,
         notif: Option<Vec<u8>>,
         backend: Option<&str>,
+        local_gpu: Option<u32>,
+        remote_gpu: Option<u32>,
     ) -> PyResult<Transfer> {
         let op = parse_op(op)?;
         if local_layers.len() != remote_layers.len() {
@@ -221,8 +235,8 @@ impl TransferAgent {
         }
         let backend = self::backend(backend)?;
         py.detach(|| {
-            let local = block_descs(&local_layers, page_bytes, &local_ids);
-            let rem = block_descs(&remote_layers, page_bytes, &remote_ids);
+            let local = block_descs(&local_layers, page_bytes, &local_ids, local_gpu);
+            let rem = block_descs(&remote_layers, page_bytes, &remote_ids, remote_gpu);
             let h = self.agent.prepare(op, &local, remote, &rem, backend)?;
             h.post(notif.as_deref())?;
             Ok(Transfer { handle: h })
@@ -232,8 +246,9 @@ impl TransferAgent {
 
     /// Reads (`op="read"`: remote into local) or writes (`op="write"`) `local[i]` against
     /// `remote[i]`, each an `(address, length)` pair of registered memory of equal lengths. The
-    /// peer gets `notif` once the data is visible. Returns the posted transfer.
-    #[pyo3(signature = (op, remote, local, remote_regions, notif=None, backend=None))]
+    /// peer gets `notif` once the data is visible. `local_gpu`/`remote_gpu` as for
+    /// `transfer_blocks`. Returns the posted transfer.
+    #[pyo3(signature = (op, remote, local, remote_regions, notif=None, backend=None, local_gpu=None, remote_gpu=None))]
     #[allow(clippy::too_many_arguments)]
     fn transfer(
         &self,
@@ -244,6 +259,8 @@ impl TransferAgent {
         remote_regions: Vec<(u64, u64)>,
         notif: Option<Vec<u8>>,
         backend: Option<&str>,
+        local_gpu: Option<u32>,
+        remote_gpu: Option<u32>,
     ) -> PyResult<Transfer> {
         let op = parse_op(op)?;
         if local.len() != remote_regions.len() {
@@ -255,11 +272,12 @@ impl TransferAgent {
         }
         let backend = self::backend(backend)?;
         py.detach(|| {
-            let mut l = DescList::with_capacity(MemKind::Dram, local.len());
-            let mut r = DescList::with_capacity(MemKind::Dram, local.len());
+            let ((lk, ld), (rk, rd)) = (mem_kind(local_gpu), mem_kind(remote_gpu));
+            let mut l = DescList::with_capacity(lk, local.len());
+            let mut r = DescList::with_capacity(rk, local.len());
             for (&(la, ll), &(ra, rl)) in local.iter().zip(&remote_regions) {
-                l.push(la, ll, 0);
-                r.push(ra, rl, 0);
+                l.push(la, ll, ld);
+                r.push(ra, rl, rd);
             }
             let h = self.agent.prepare(op, &l, remote, &r, backend)?;
             h.post(notif.as_deref())?;

@@ -188,3 +188,61 @@ def test_llama_8b_shaped_throughput():
     for name in list(caches)[:2]:
         for s, d in zip(src[:8], dst[:8]):
             assert torch.equal(block(caches[name], d), block(caches[name], s))
+
+
+def test_transfer_agents_move_gpu_pages():
+    """Prefill/decode and east-west on GPU engines, as the connector does them: a decode agent
+    READs a prefill agent's GPU pages into its own GPU pages (kvtransfer's host staging on both
+    sides), and READs blocks in place from a peer store's host arena into its GPU pages."""
+    from kvmesh import TransferAgent
+
+    def pages(desc):
+        return [(b, desc.block_stride) for b in desc.layers]
+
+    def agent(name, caches, desc):
+        a = TransferAgent(name, "127.0.0.1:0")
+        for base, stride in pages(desc):
+            a.register(base, stride * (desc.num_blocks - 1) + desc.page_bytes, gpu=desc.device)
+        return a
+
+    src, block = cache("flash_hnd")
+    dst, _ = cache("flash_hnd")
+    ds, dd = kvcache.describe(src, BLOCKS), kvcache.describe(dst, BLOCKS)
+    prefill, decode = agent("prefill", src, ds), agent("decode", dst, dd)
+    peer = decode.connect(*prefill.address)
+    rng = random.Random(7)
+    ids = rng.sample(range(BLOCKS), 60)
+    remote_ids, local_ids = ids[:30], ids[30:]
+    poison(dst, "flash_hnd", local_ids)
+    torch.cuda.synchronize()
+    x = decode.transfer_blocks("read", peer, pages(dd), pages(ds), dd.page_bytes, local_ids,
+                               remote_ids, notif=b"read", local_gpu=0, remote_gpu=0)
+    assert x.wait(30) == 30 * dd.block_bytes
+    for name in dst:
+        for r, loc in zip(remote_ids, local_ids):
+            assert torch.equal(block(dst[name], loc), block(src[name], r)), f"{name}: block {loc}"
+
+    # East-west: the peer's store holds blocks in its host arena; read them in place into GPU
+    # pages (each store block is the page lists' pages one after another).
+    store = BlockStore(ds.block_bytes, 16 * ds.block_bytes, gpu=True)
+    store.register_gpu_layers(ds.layers, ds.block_stride, ds.num_blocks, ds.num_heads,
+                              ds.tokens_per_block, ds.entry_bytes, ds.layout, ds.device)
+    keys = [11, 12, 13]
+    assert store.save(keys, [1, 2, 3]) == []
+    prefill.register(*store.arena())
+    lease, addrs = store.lease(keys, 30.0)
+    assert len(addrs) == 3
+    targets = [70, 71, 72]
+    poison(dst, "flash_hnd", targets)
+    torch.cuda.synchronize()
+    local, remote = [], []
+    for b, a in zip(targets, addrs):
+        for i, (base, stride) in enumerate(pages(dd)):
+            local.append((base + b * stride, dd.page_bytes))
+            remote.append((a + i * dd.page_bytes, dd.page_bytes))
+    x = decode.transfer("read", peer, local, remote, notif=b"release", local_gpu=0)
+    assert x.wait(30) == 3 * dd.block_bytes
+    assert store.release(lease)
+    for name in dst:
+        for s, t in zip([1, 2, 3], targets):
+            assert torch.equal(block(dst[name], t), block(src[name], s)), f"{name}: block {t}"

@@ -159,6 +159,10 @@ class Recv:
     remote_request_id: str
     remote_layers: list[tuple[int, int]]
     page_bytes: int
+    # The prefill engine's page order ("host" for vLLM's CPU caches, else the GPU layout) and
+    # the GPU its pages are on (None: host memory).
+    kv_layout: str = "host"
+    gpu: Optional[int] = None
 
 
 @dataclass
@@ -203,6 +207,8 @@ class KvmeshHandshake(KVConnectorHandshakeMetadata):
     agent: str
     layers: list[tuple[int, int]]
     page_bytes: int
+    kv_layout: str = "host"
+    gpu: Optional[int] = None
 
 
 @dataclass
@@ -381,7 +387,7 @@ class KvmeshConnector(KVConnectorBase_V1):
                 break
             tiers.append(t)
             i += 1
-        # East-west pulls write the KV pages with kvtransfer: host-memory caches only.
+        # East-west pulls write the KV pages with kvtransfer (registered by the worker).
         pullable = self._handshake is not None and bool(self._handshake.layers)
         if self._index_url and pullable and limit - i >= self._ew_min:
             peer = self._find_peer(hashes, limit)
@@ -496,6 +502,8 @@ class KvmeshConnector(KVConnectorBase_V1):
                 str(params["remote_request_id"]),
                 [tuple(x) for x in params["remote_layers"]],
                 int(params["remote_page_bytes"]),
+                str(params.get("remote_kv_layout", "host")),
+                None if params.get("remote_gpu") is None else int(params["remote_gpu"]),
             )
         )
 
@@ -650,8 +658,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         hs = self._handshake
         if hs is None or not block_ids or not hs.layers:
             log.warning("kvmesh: request %s asks for remote decode but this engine has no "
-                        "kvtransfer agent for its KV pages (none, or they are in GPU memory)",
-                        request.request_id)
+                        "kvtransfer agent", request.request_id)
             return delay, None
         self._sends.append((request.request_id, time.time() + self._lease_s))
         return True, dict(
@@ -664,6 +671,8 @@ class KvmeshConnector(KVConnectorBase_V1):
             remote_port=hs.port,
             remote_layers=[list(x) for x in hs.layers],
             remote_page_bytes=hs.page_bytes,
+            remote_kv_layout=hs.kv_layout,
+            remote_gpu=hs.gpu,
             remote_num_tokens=request.num_computed_tokens,
             tp_size=self._tp,
         )
@@ -677,6 +686,8 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._rank = get_tensor_model_parallel_rank() if self._tp > 1 else 0
         self._store = None
         self._gpu = False
+        self._gpu_dev: Optional[int] = None
+        self._kv_layout = "host"
         self._caches: dict[str, torch.Tensor] = {}
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="kvmesh-save")
         self._lock = threading.Lock()
@@ -727,8 +738,13 @@ class KvmeshConnector(KVConnectorBase_V1):
         num_blocks = desc.num_blocks
         page = desc.page_bytes
         block_bytes = desc.block_bytes
-        # kvtransfer moves host memory: the KV pages themselves only on CPU engines.
-        layers = [] if self._gpu else desc.layers
+        # What kvtransfer moves for prefill/decode and east-west pulls: per page list, its base
+        # and block stride (GPU pages go through host staging).
+        if self._gpu:
+            layers = [(b, desc.block_stride) for b in desc.layers]
+            self._gpu_dev, self._kv_layout = desc.device, desc.layout
+        else:
+            layers = desc.layers
         self._layers = layers
         self._page = page
         host_bytes = int(self._opt("host_bytes", GIB))
@@ -780,13 +796,14 @@ class KvmeshConnector(KVConnectorBase_V1):
         name = f"{self._kv_transfer_config.engine_id}-tp{self._rank}"
         self._agent = TransferAgent(name, f"{host}:{port}", ucx=self._backend == "ucx")
         for base, stride in layers:
-            self._agent.register(base, stride * (num_blocks - 1) + page)
+            self._agent.register(base, stride * (num_blocks - 1) + page, gpu=self._gpu_dev)
 
     def get_handshake_metadata(self) -> Optional[KVConnectorHandshakeMetadata]:
         if self._agent is None:
             return None
         host, port = self._agent.address
-        return KvmeshHandshake(host, port, self._agent.name, list(self._layers), self._page)
+        return KvmeshHandshake(host, port, self._agent.name, list(self._layers), self._page,
+                               self._kv_layout, self._gpu_dev)
 
     @property
     def store(self):
@@ -921,8 +938,6 @@ class KvmeshConnector(KVConnectorBase_V1):
         return failed + p.peer_ids[got:]
 
     def _pull_from_peer(self, p: Pull) -> int:
-        if not self._layers:
-            raise RuntimeError("this engine's KV pages are in GPU memory, which kvtransfer does not move")
         peer = self._peer(p.host, p.port)
         lookup = f"{self._agent.name}/{next(self._lookup_ids)}"
         slot: list[Any] = [threading.Event(), None]
@@ -951,7 +966,8 @@ class KvmeshConnector(KVConnectorBase_V1):
         release = _EW + b"release " + str(lease).encode()
         try:
             xfer = self._agent.transfer("read", peer, local, remote, notif=release,
-                                        backend=None if self._backend == "auto" else self._backend)
+                                        backend=None if self._backend == "auto" else self._backend,
+                                        local_gpu=self._gpu_dev)
             try:
                 xfer.wait(self._peer_timeout)
             except TimeoutError:
@@ -976,20 +992,19 @@ class KvmeshConnector(KVConnectorBase_V1):
             if not r.local_ids:
                 self._agent.send_notif(peer, r.remote_request_id.encode())
                 return
-            if not self._layers:
-                raise RuntimeError("this engine's KV pages are in GPU memory, which kvtransfer "
-                                   "does not move")
-            if r.page_bytes != self._page or len(r.remote_layers) != len(self._layers):
+            if (r.page_bytes != self._page or len(r.remote_layers) != len(self._layers)
+                    or r.kv_layout != self._kv_layout):
                 raise ValueError(
-                    f"the prefill engine's KV layout ({len(r.remote_layers)} layers of "
-                    f"{r.page_bytes}-byte pages) differs from this engine's ({len(self._layers)} "
-                    f"of {self._page})")
+                    f"the prefill engine's KV layout ({len(r.remote_layers)} {r.kv_layout} page "
+                    f"lists of {r.page_bytes}-byte pages) differs from this engine's "
+                    f"({len(self._layers)} {self._kv_layout} of {self._page})")
             log.debug("kvmesh: pulling %d blocks of %s from %s (%s:%d)", len(r.local_ids), r.req_id,
                       peer, r.host, r.port)
             xfer = self._agent.transfer_blocks(
                 "read", peer, self._layers, r.remote_layers, self._page,
                 r.local_ids, r.remote_ids, notif=r.remote_request_id.encode(),
-                backend=None if self._backend == "auto" else self._backend)
+                backend=None if self._backend == "auto" else self._backend,
+                local_gpu=self._gpu_dev, remote_gpu=r.gpu)
             self._recving[r.req_id] = (xfer, r, attempt)
         except Exception as e:
             self._forget_peer(r.host, r.port)
