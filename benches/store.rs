@@ -36,6 +36,13 @@ use rand::RngCore;
 const SIZES: [usize; 5] = [16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20];
 const THREADS: usize = 4;
 
+/// Block sizes to run (`--sizes 64k,256k`); all of [`SIZES`] by default.
+static SELECTED: std::sync::OnceLock<Vec<usize>> = std::sync::OnceLock::new();
+
+fn sizes() -> Vec<usize> {
+    SELECTED.get().cloned().unwrap_or_else(|| SIZES.to_vec())
+}
+
 struct Args {
     quick: bool,
     dir: PathBuf,
@@ -63,9 +70,18 @@ fn args() -> Args {
             "--quick" => a.quick = true,
             "--dir" => a.dir = PathBuf::from(it.next().expect("--dir DIR")),
             "--only" => a.only = Some(it.next().expect("--only host,disk,redis")),
+            "--sizes" => {
+                let v = it.next().expect("--sizes 16k,64k,...");
+                let keep: Vec<usize> = SIZES
+                    .iter()
+                    .copied()
+                    .filter(|s| v.split(',').any(|x| x == size_name(*s)))
+                    .collect();
+                let _ = SELECTED.set(keep);
+            }
             "--bench" => {}
             other => {
-                eprintln!("unknown option {other}; usage: benches/run store [--quick] [--dir DIR] [--only host,disk,redis]");
+                eprintln!("unknown option {other}; usage: benches/run store [--quick] [--dir DIR] [--only host,disk,redis] [--sizes 16k,64k,256k,1m,2m]");
                 std::process::exit(2);
             }
         }
@@ -157,7 +173,7 @@ fn bench_host(f: &mut Figures, quick: bool) {
     let mut src = vec![0u8; total];
     random_fill(&mut src);
     let mut dst = vec![1u8; total];
-    for &s in &SIZES {
+    for s in sizes() {
         let n = total / s;
         let host = HostTier::new(&HostConfig::new(total as u64, s)).expect("host tier");
         let mut mc = Vec::new();
@@ -245,14 +261,30 @@ fn bench_disk(f: &mut Figures, dir: &Path, quick: bool, fio: bool) {
     let reps = if quick { 1 } else { 3 };
     let tier_dir = dir.join("kvstore");
     let fio_dir = dir.join("fio");
-    for &s in &SIZES {
+    for s in sizes() {
         let n = total / s;
         let mut base = vec![0u8; s];
         random_fill(&mut base);
         let seq: Vec<usize> = (0..n).collect();
         let mut rnd = seq.clone();
         let (mut w, mut r, mut wr, mut rr) = (vec![], vec![], vec![], vec![]);
-        for _ in 0..reps {
+        let (mut fw, mut fr, mut fwr, mut frr) = (vec![], vec![], vec![], vec![]);
+        // One fio round: the same passes as one round of the tier, on a fresh directory.
+        let mut fio_round = || {
+            let _ = std::fs::remove_dir_all(&fio_dir);
+            std::fs::create_dir_all(&fio_dir).unwrap();
+            fw.push(run_fio(&fio_dir, "write", s, total, "psync", 1));
+            fr.push(run_fio(&fio_dir, "read", s, total, "psync", 1));
+            frr.push(run_fio(&fio_dir, "randread", s, total, "psync", 1));
+            fwr.push(run_fio(&fio_dir, "randwrite", s, total, "psync", 1));
+            let _ = std::fs::remove_dir_all(&fio_dir);
+        };
+        for rep in 0..reps {
+            // Rounds of the tier and of fio alternate, and which goes first alternates too, so
+            // both sides sample the same stretch of this (shared, drifting) machine.
+            if fio && rep % 2 == 1 {
+                fio_round();
+            }
             let _ = std::fs::remove_dir_all(&tier_dir);
             let mut c = DiskConfig::new(&tier_dir, total as u64, s);
             c.direct = DirectIo::Require;
@@ -292,6 +324,11 @@ fn bench_disk(f: &mut Figures, dir: &Path, quick: bool, fio: bool) {
                 stamp(&mut base, i);
                 assert!(b == base, "disk tier returned wrong bytes");
             }
+            drop(t);
+            let _ = std::fs::remove_dir_all(&tier_dir);
+            if fio && rep % 2 == 0 {
+                fio_round();
+            }
         }
         let _ = std::fs::remove_dir_all(&tier_dir);
         f.add("disk_write_gbps", s, median(w));
@@ -299,23 +336,12 @@ fn bench_disk(f: &mut Figures, dir: &Path, quick: bool, fio: bool) {
         f.add("disk_write_rand_gbps", s, median(wr));
         f.add("disk_read_rand_gbps", s, median(rr));
         if fio {
-            let mut fw = vec![];
-            let mut fr = vec![];
-            let mut fwr = vec![];
-            let mut frr = vec![];
-            for _ in 0..reps {
-                let _ = std::fs::remove_dir_all(&fio_dir);
-                std::fs::create_dir_all(&fio_dir).unwrap();
-                fw.push(run_fio(&fio_dir, "write", s, total, "psync", 1));
-                fr.push(run_fio(&fio_dir, "read", s, total, "psync", 1));
-                frr.push(run_fio(&fio_dir, "randread", s, total, "psync", 1));
-                fwr.push(run_fio(&fio_dir, "randwrite", s, total, "psync", 1));
-            }
             f.add("fio_write_gbps", s, median(fw));
             f.add("fio_read_gbps", s, median(fr));
             f.add("fio_write_rand_gbps", s, median(fwr));
             f.add("fio_read_rand_gbps", s, median(frr));
             if s == 256 << 10 || s == 16 << 10 {
+                std::fs::create_dir_all(&fio_dir).unwrap();
                 let u = run_fio(&fio_dir, "randread", s, total, "io_uring", 4);
                 if u > 0.0 {
                     f.add("fio_uring_read_rand_gbps", s, u);
@@ -448,7 +474,7 @@ fn bench_redis(f: &mut Figures, quick: bool) {
         .unwrap()
         .get_connection()
         .unwrap();
-    for &s in &SIZES {
+    for s in sizes() {
         let n = total / s;
         let tier = RedisTier::new(RedisConfig::new(url.clone(), s)).unwrap();
         let (mut sp, mut sg, mut rp, mut rg) = (vec![], vec![], vec![], vec![]);
