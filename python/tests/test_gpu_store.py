@@ -209,6 +209,12 @@ def test_transfer_agents_move_gpu_pages():
     dst, _ = cache("flash_hnd")
     ds, dd = kvcache.describe(src, BLOCKS), kvcache.describe(dst, BLOCKS)
     prefill, decode = agent("prefill", src, ds), agent("decode", dst, dd)
+    # The peer's store, its host arena registered before anyone loads the agent's metadata (as
+    # the connector does at start).
+    store = BlockStore(ds.block_bytes, 16 * ds.block_bytes, gpu=True)
+    store.register_gpu_layers(ds.layers, ds.block_stride, ds.num_blocks, ds.num_heads,
+                              ds.tokens_per_block, ds.entry_bytes, ds.layout, ds.device)
+    prefill.register(*store.arena())
     peer = decode.connect(*prefill.address)
     rng = random.Random(7)
     ids = rng.sample(range(BLOCKS), 60)
@@ -224,12 +230,8 @@ def test_transfer_agents_move_gpu_pages():
 
     # East-west: the peer's store holds blocks in its host arena; read them in place into GPU
     # pages (each store block is the page lists' pages one after another).
-    store = BlockStore(ds.block_bytes, 16 * ds.block_bytes, gpu=True)
-    store.register_gpu_layers(ds.layers, ds.block_stride, ds.num_blocks, ds.num_heads,
-                              ds.tokens_per_block, ds.entry_bytes, ds.layout, ds.device)
     keys = [11, 12, 13]
     assert store.save(keys, [1, 2, 3]) == []
-    prefill.register(*store.arena())
     lease, addrs = store.lease(keys, 30.0)
     assert len(addrs) == 3
     targets = [70, 71, 72]
