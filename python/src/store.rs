@@ -390,11 +390,7 @@ impl BlockStore {
             let mut ok = Vec::with_capacity(keys.len());
             for (&k, &b) in keys.iter().zip(&block_ids) {
                 let b = l.check(b).map_err(err)?;
-                if self
-                    .fail_loads
-                    .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-                    .is_ok()
-                {
+                if self.injected_failure() {
                     ok.push(false);
                     continue;
                 }
@@ -569,6 +565,15 @@ impl BlockStore {
     }
 }
 
+impl BlockStore {
+    /// Whether this load fails on purpose (`inject_load_failures`).
+    fn injected_failure(&self) -> bool {
+        self.fail_loads
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
 #[cfg(feature = "cuda")]
 impl BlockStore {
     fn save_gpu(&self, keys: &[u64], block_ids: &[u64]) -> PyResult<Vec<u64>> {
@@ -613,11 +618,7 @@ impl BlockStore {
         let mut pinned = Vec::with_capacity(keys.len());
         for (i, (&k, &b)) in keys.iter().zip(block_ids).enumerate() {
             let b = g.check(b).map_err(err)?;
-            if self
-                .fail_loads
-                .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
-                .is_ok()
-            {
+            if self.injected_failure() {
                 continue;
             }
             // The bytes pin their host slot until the copy is done.

@@ -125,6 +125,26 @@ impl Transfer {
     }
 }
 
+impl TransferAgent {
+    /// Prepares and posts one transfer (called with the GIL released).
+    fn post(
+        &self,
+        op: Op,
+        local: &DescList,
+        remote: &str,
+        remote_descs: &DescList,
+        notif: Option<Vec<u8>>,
+        backend: Option<Backend>,
+    ) -> PyResult<Transfer> {
+        let h = self
+            .agent
+            .prepare(op, local, remote, remote_descs, backend)
+            .map_err(err)?;
+        h.post(notif.as_deref()).map_err(err)?;
+        Ok(Transfer { handle: h })
+    }
+}
+
 #[pymethods]
 impl TransferAgent {
     /// An agent named `name` (unique among its peers) serving its side channel on `listen`
@@ -237,11 +257,8 @@ impl TransferAgent {
         py.detach(|| {
             let local = block_descs(&local_layers, page_bytes, &local_ids, local_gpu);
             let rem = block_descs(&remote_layers, page_bytes, &remote_ids, remote_gpu);
-            let h = self.agent.prepare(op, &local, remote, &rem, backend)?;
-            h.post(notif.as_deref())?;
-            Ok(Transfer { handle: h })
+            self.post(op, &local, remote, &rem, notif, backend)
         })
-        .map_err(err)
     }
 
     /// Reads (`op="read"`: remote into local) or writes (`op="write"`) `local[i]` against
@@ -279,11 +296,8 @@ impl TransferAgent {
                 l.push(la, ll, ld);
                 r.push(ra, rl, rd);
             }
-            let h = self.agent.prepare(op, &l, remote, &r, backend)?;
-            h.post(notif.as_deref())?;
-            Ok(Transfer { handle: h })
+            self.post(op, &l, remote, &r, notif, backend)
         })
-        .map_err(err)
     }
 
     /// Waits up to `timeout_s` for the next notification; `(from_agent, message)` or `None`.

@@ -439,16 +439,9 @@ impl Engine {
         moves: &[BlockMove],
         path: CopyPath,
     ) -> Result<Transfer<'a>> {
-        self.submit(
-            &self.d2h,
-            cache,
-            host.addr(),
-            host.len(),
-            slots,
-            moves,
-            path,
-            true,
-        )
+        // SAFETY: a PinnedBuffer is pinned, mapped host memory; the transfer borrows it mutably
+        // until it is done, so it stays valid and nobody else touches it.
+        unsafe { self.gather_raw(cache, host.addr(), host.len(), slots, moves, path) }
     }
 
     /// Copies host slots into the GPU cache's blocks (host → GPU).
@@ -460,16 +453,8 @@ impl Engine {
         moves: &[BlockMove],
         path: CopyPath,
     ) -> Result<Transfer<'a>> {
-        self.submit(
-            &self.h2d,
-            cache,
-            host.addr(),
-            host.len(),
-            slots,
-            moves,
-            path,
-            false,
-        )
+        // SAFETY: as in `gather`; the transfer borrows the buffer until it is done.
+        unsafe { self.scatter_raw(host.addr(), host.len(), slots, cache, moves, path) }
     }
 
     /// [`Engine::gather`] into host memory named by its address: for memory the caller pinned
