@@ -311,6 +311,37 @@ fn main() {
     let ours_lat8 = time_queries(&long, &mut ours_q);
 
     if a.only_kvindex {
+        // Where an 8k query's time goes: hashing the tokens alone, and the walk given the keys.
+        // KVINDEX_QUERY_LOOPS=N repeats the query passes N more times first (for a profiler).
+        let loops: usize = std::env::var("KVINDEX_QUERY_LOOPS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        for _ in 0..loops {
+            let _ = time_queries(&sample_s, &mut ours_q);
+            let _ = time_queries(&long, &mut ours_q);
+        }
+        let mut h = kvindex::KeyHasher::new();
+        let mut hash_only = |toks: &[u32]| -> usize { h.chain(&ns, toks, BS).len() };
+        let hashing = time_queries(&long, &mut hash_only);
+        let keys: Vec<Vec<kvindex::BlockKey>> = long.iter().map(|t| h.chain(&ns, t, BS)).collect();
+        let mut next = 0usize;
+        let mut by_keys = |_: &[u32]| -> usize {
+            let k = &keys[next % keys.len().max(1)];
+            next += 1;
+            index
+                .query(&Query {
+                    namespace: &ns,
+                    blocks: QueryBlocks::Keys(k),
+                    engines: None,
+                })
+                .len()
+        };
+        let walk = time_queries(&long, &mut by_keys);
+        eprintln!(
+            "[index] 8k prompts: hashing alone p50 {:.2} us, walk given the keys p50 {:.2} us p99 {:.2} us",
+            hashing.p50, walk.p50, walk.p99
+        );
         println!(
             "kvindex only: ingest {:.0} block ops/s, query p50 {:.2} us, p99 {:.2} us, 8k p99 {:.2} us, {:.2} bytes per block",
             median(ours_ingest),

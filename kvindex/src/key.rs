@@ -1,7 +1,15 @@
 //! Block identity: kvmesh's own 64-bit block keys.
 //!
-//! A key names a block *and its whole prefix*: block `i`'s hash is XXH3-64 of its token ids
-//! (little-endian u32), seeded with key `i-1`. The chain starts from a seed derived from the
+//! A key names a block *and its whole prefix*: block `i`'s key is
+//! `(rotl(key[i-1], 29) ^ h[i]) * K` (wrapping, `K` odd), where `h[i]` is XXH3-64 of the block's
+//! token ids (little-endian u32). For a given block content this is a bijection of the previous
+//! key, so two different prefixes followed by the same block never merge into one key, and the
+//! content hash makes the result uniform. The content hashes of a prompt's blocks do not depend
+//! on each other, so the CPU computes several at once; only a rotate, an xor and a multiply are
+//! chained (about five cycles a block, against the whole of XXH3 when each block's hash is
+//! seeded with the key before it: an 8k-token prompt's keys took 13.5 µs that way, with the
+//! tokens not in cache). Since the finalizer is a bijection, two different prefixes followed by the same
+//! block never merge into one key. The chain starts from a seed derived from the
 //! [`Namespace`]: the model, the LoRA adapter and (for the first block only, as vLLM does) the
 //! cache salt. Multimodal items and prompt-embedding digests that touch a block are folded into
 //! that block's key. Two tenants, two adapters or two models therefore never share a key, and an
@@ -9,6 +17,13 @@
 //! to the key computed here.
 
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+
+/// Chains a block's content hash onto the key before it (see the module docs): for a fixed
+/// `content`, a bijection of `prev`.
+#[inline]
+fn chain_step(prev: u64, content: u64) -> u64 {
+    (prev.rotate_left(29) ^ content).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
 
 /// kvmesh's identity of a block (and, through the chain, of its prefix). Never 0 or 1: those
 /// values are reserved by the index's tables.
@@ -55,7 +70,7 @@ impl Namespace {
     }
 }
 
-const DOMAIN: &[u8] = b"kvmesh.block-key.v1";
+const DOMAIN: &[u8] = b"kvmesh.block-key.v2";
 
 /// The seed of a chain's first block for a model, LoRA adapter and cache salt.
 pub fn root_seed(model: &str, lora_name: Option<&str>, cache_salt: Option<&str>) -> u64 {
@@ -127,14 +142,16 @@ impl KeyHasher {
     fn hash(&mut self, prev: u64, tokens: &[u32]) -> u64 {
         // The hash is over little-endian u32s: on little-endian machines that is the slice's
         // own memory, hashed in place.
-        if cfg!(target_endian = "little") {
-            return xxh3_64_with_seed(bytemuck::cast_slice(tokens), prev);
-        }
-        self.buf.clear();
-        for t in tokens {
-            self.buf.extend_from_slice(&t.to_le_bytes());
-        }
-        xxh3_64_with_seed(&self.buf, prev)
+        let content = if cfg!(target_endian = "little") {
+            xxh3_64(bytemuck::cast_slice(tokens))
+        } else {
+            self.buf.clear();
+            for t in tokens {
+                self.buf.extend_from_slice(&t.to_le_bytes());
+            }
+            xxh3_64(&self.buf)
+        };
+        chain_step(prev, content)
     }
 
     /// The key of a block whose predecessor in the chain has key `prev` (for the first block,
