@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvmesh's GPU suite (the CUDA copy engine's tests, kvtransfer's GPU-memory tests and the
-# Python store with GPU caches) and the GPU benchmark in one go, on a machine with a GPU.
+# Python store with GPU caches) and the GPU benchmarks (`gpu`, and `gpu2`: GPU to GPU between two
+# processes, on two GPUs when there are two) in one go, on a machine with a GPU.
 #
 #   kvstore/cuda/run-gpu.sh [--quick]             build with cargo, then test and bench here
 #   kvstore/cuda/run-gpu.sh --pack DIR            build only (no GPU needed), put the binaries in DIR
@@ -47,6 +48,7 @@ build() {
   cargo test --release -p kvstore-cuda --no-run
   cargo test --release -p kvtransfer --features cuda --test gpu --no-run
   cargo bench --bench gpu --no-run
+  cargo bench -p kvtransfer --features cuda --bench gpu2 --no-run
   while read -r what exe; do
     case $what in
       lib:kvstore_cuda) cp "$exe" "$out/unit" ;;
@@ -59,7 +61,10 @@ build() {
   while read -r what exe; do
     [ "$what" = bench:gpu ] && cp "$exe" "$out/gpu-bench"
   done < <(executables bench --bench gpu)
-  for f in unit gpu-tests transfer-gpu-tests gpu-bench; do
+  while read -r what exe; do
+    [ "$what" = bench:gpu2 ] && cp "$exe" "$out/gpu2-bench"
+  done < <(executables bench -p kvtransfer --features cuda --bench gpu2)
+  for f in unit gpu-tests transfer-gpu-tests gpu-bench gpu2-bench; do
     [ -x "$out/$f" ] || { echo "build did not produce $f" >&2; exit 1; }
     # Without debug symbols the pack is a few MiB instead of tens.
     if command -v strip >/dev/null; then strip "$out/$f"; fi
@@ -91,7 +96,7 @@ echo "== unit tests"
 "$dir/unit" 2>&1 | tee "$logs/unit.log" || status=1
 echo "== GPU tests"
 "$dir/gpu-tests" 2>&1 | tee "$logs/gpu-tests.log" || status=1
-echo "== kvtransfer: GPU memory through host staging"
+echo "== kvtransfer: GPU memory through host staging, and GPU to GPU over CUDA IPC"
 "$dir/transfer-gpu-tests" --nocapture 2>&1 | tee "$logs/transfer-gpu-tests.log" || status=1
 echo "== Python: kvmesh.BlockStore with GPU caches (python/tests/test_gpu_store.py)"
 site=$(mktemp -d)
@@ -107,6 +112,10 @@ echo "== benches/run gpu ${bench_args[*]:-}"
 KVMESH_BENCH_COMMAND="benches/run gpu${bench_args[*]:+ ${bench_args[*]}}" \
   "$dir/gpu-bench" "${bench_args[@]}" 2>&1 | tee "$logs/bench.log" || status=1
 [ -f target/bench/gpu.json ] && cp target/bench/gpu.json "$logs/gpu.json"
+echo "== benches/run gpu2 ${bench_args[*]:-} (GPU to GPU between two processes; one GPU: on GPU 0)"
+KVMESH_BENCH_COMMAND="benches/run gpu2${bench_args[*]:+ ${bench_args[*]}}" \
+  "$dir/gpu2-bench" "${bench_args[@]}" 2>&1 | tee "$logs/bench2.log" || status=1
+[ -f target/bench/gpu2.json ] && cp target/bench/gpu2.json "$logs/gpu2.json"
 if [ $status -ne 0 ]; then
   echo "GPU suite FAILED (logs in $logs)"
 else

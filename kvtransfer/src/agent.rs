@@ -62,6 +62,8 @@ pub(crate) struct LocalRegion {
     pub owner: Option<HostBuffer>,
     /// UCX memory handle token and packed remote key.
     pub ucx: Option<(usize, Vec<u8>)>,
+    /// GPU memory: its allocation's CUDA IPC handle and start (see [`RegionMeta::ipc`]).
+    pub ipc: Vec<u8>,
 }
 
 /// What an incoming transfer touches (see [`Inner::check_incoming`]).
@@ -76,6 +78,9 @@ pub(crate) struct Remote {
     pub same_host: bool,
     pub conn: Mutex<Option<Arc<tcp::Conn>>>,
     pub shm: Mutex<Option<Arc<shm::Peer>>>,
+    /// Its GPU allocations mapped into this process (CUDA IPC), opened on first use.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub ipc: crate::gpu::IpcMaps,
 }
 
 impl Remote {
@@ -134,6 +139,7 @@ impl Inner {
                     kind: r.kind,
                     dev: r.dev,
                     ucx_rkey: r.ucx.as_ref().map(|u| u.1.clone()).unwrap_or_default(),
+                    ipc: r.ipc.clone(),
                 })
                 .collect();
         regions.sort_by_key(|r| r.id);
@@ -233,6 +239,14 @@ impl Inner {
                 None => Err(Error::Unavailable {
                     backend: "ucx",
                     msg: "not enabled in this agent".into(),
+                }),
+            },
+            // Runs on the same-host worker, as shared memory does.
+            Backend::CudaIpc => match &self.shm {
+                Some(w) => w.submit(st.clone()),
+                None => Err(Error::Unavailable {
+                    backend: "cuda_ipc",
+                    msg: "the same-host backends are disabled in this agent's configuration".into(),
                 }),
             },
         }
@@ -383,6 +397,11 @@ impl Agent {
                 "cannot register an empty or null region".into(),
             ));
         }
+        let ipc = if kind == MemKind::Vram {
+            crate::gpu::ipc_export(addr, dev)
+        } else {
+            Vec::new()
+        };
         let id = self.inner.next_region.fetch_add(1, Ordering::Relaxed);
         let mut g = self.inner.regions.write();
         g.0.insert(addr, len, id, kind, dev)?;
@@ -405,6 +424,7 @@ impl Agent {
                 dev,
                 owner,
                 ucx,
+                ipc,
             },
         );
         Ok(RegionId(id))
@@ -443,6 +463,7 @@ impl Agent {
             same_host,
             conn: Mutex::new(None),
             shm: Mutex::new(None),
+            ipc: Default::default(),
         });
         let old = self.inner.remotes.write().insert(name.clone(), remote);
         if let Some(old) = old {
@@ -529,9 +550,30 @@ impl Agent {
                 msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
             });
         }
+        // GPU to GPU with another process on this host: CUDA IPC, when its allocations are
+        // exported (checked per region below).
+        let ipc_possible = cfg!(feature = "cuda")
+            && local.kind() == MemKind::Vram
+            && remote_descs.kind() == MemKind::Vram
+            && r.same_host
+            && r.meta.pid != std::process::id()
+            && self.inner.shm.is_some();
+        let requested = backend;
         let backend = match backend {
-            // GPU memory goes through host staging, which the TCP backend does on both sides.
+            None if ipc_possible => Backend::CudaIpc,
+            // Other GPU memory goes through host staging, which the TCP backend does on both
+            // sides.
             None if gpu => Backend::Tcp,
+            Some(Backend::CudaIpc) if !ipc_possible => {
+                return Err(Error::Unavailable {
+                    backend: "cuda_ipc",
+                    msg: format!(
+                        "CUDA IPC moves GPU memory to GPU memory of another process on this host \
+                         with the same-host backends enabled ({remote:?} is {}on this host)",
+                        if r.same_host { "" } else { "not " }
+                    ),
+                })
+            }
             Some(b @ (Backend::Shm | Backend::Ucx)) if gpu => {
                 return Err(Error::Unavailable {
                     backend: b.name(),
@@ -631,6 +673,24 @@ impl Agent {
                 rregs.push(rid);
             }
         }
+        let backend = if backend == Backend::CudaIpc
+            && rregs.iter().any(|id| {
+                r.meta
+                    .regions
+                    .iter()
+                    .all(|m| m.id != *id || m.ipc.is_empty())
+            }) {
+            // A remote allocation the driver would not export.
+            if requested == Some(Backend::CudaIpc) {
+                return Err(Error::Unavailable {
+                    backend: "cuda_ipc",
+                    msg: format!("{remote:?} registered GPU memory that CUDA IPC cannot map"),
+                });
+            }
+            Backend::Tcp
+        } else {
+            backend
+        };
         if lsegs.len() > wire::MAX_DESCS {
             return Err(Error::Invalid(format!(
                 "{} descriptors exceed the limit of {}",
@@ -645,7 +705,7 @@ impl Agent {
         };
         // This side's GPU descriptors: the backend moves a host staging buffer in their place.
         #[cfg(feature = "cuda")]
-        let staging = if local.kind() == MemKind::Vram {
+        let staging = if local.kind() == MemKind::Vram && backend != Backend::CudaIpc {
             let dev = local.as_slice().first().map_or(0, |d| d.dev);
             if local.as_slice().iter().any(|d| d.dev != dev) {
                 return Err(Error::Invalid(
@@ -678,6 +738,7 @@ impl Agent {
                 local: lsegs,
                 remote_segs: rsegs,
                 remote_regions: rregs,
+                local_dev: local.as_slice().first().map_or(0, |d| d.dev),
                 total,
                 wire_descs,
                 state: IDLE.into(),

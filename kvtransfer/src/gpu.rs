@@ -12,17 +12,26 @@
 //!
 //! Either way the transfer completes, and its notification arrives, only once the data is where
 //! it was addressed. Shared-memory and UCX transfers of GPU memory are refused.
+//!
+//! Between GPU memory of two processes on one host ([`crate::Backend::CudaIpc`]), no host memory
+//! is involved: each GPU region's metadata carries the CUDA IPC handle of its allocation, the
+//! initiating agent maps the peer's allocations into its own address space (once per remote
+//! allocation) and the driver copies device to device, peer to peer between two GPUs. The peer
+//! process is watched as for shared memory (a pidfd): a transfer during which it exited fails,
+//! whatever the copies returned. The notification follows over the TCP connection once the
+//! copies have completed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
-use kvstore_cuda::{Device, PinnedBuffer};
+use kvstore_cuda::{CopyList, Device, IpcMemory, PinnedBuffer};
 
+use crate::agent::{Inner, Remote};
 use crate::desc::MemKind;
-use crate::error::{Error, Result};
-use crate::xfer::Seg;
+use crate::error::{peer_err, Error, Result};
+use crate::xfer::{Op, Seg, XferShared};
 
 fn cuda_err(what: &str, e: kvstore_cuda::CudaError) -> Error {
     match e.kind() {
@@ -46,6 +55,20 @@ pub(crate) fn device(ordinal: u32) -> Result<Arc<Device>> {
     Ok(d)
 }
 
+/// The list-copy kernel of GPU `ordinal` (compiled once per process), or why there is none.
+fn copy_list(ordinal: u32) -> std::result::Result<Arc<CopyList>, String> {
+    type Lists = Mutex<HashMap<u32, std::result::Result<Arc<CopyList>, String>>>;
+    static LISTS: OnceLock<Lists> = OnceLock::new();
+    let mut g = LISTS.get_or_init(Default::default).lock();
+    g.entry(ordinal)
+        .or_insert_with(|| {
+            device(ordinal)
+                .map_err(|e| e.to_string())
+                .and_then(|d| CopyList::new(&d).map(Arc::new).map_err(|e| e.to_string()))
+        })
+        .clone()
+}
+
 /// Checks that `[addr, addr + len)` lies in one device allocation of GPU `dev`.
 pub(crate) fn check_region(addr: u64, len: u64, dev: u32) -> Result<()> {
     let d = device(dev)?;
@@ -56,6 +79,112 @@ pub(crate) fn check_region(addr: u64, len: u64, dev: u32) -> Result<()> {
         return Err(Error::Invalid(format!(
             "GPU region {addr:#x}+{len} runs past the end of its allocation ({size} bytes at {start:#x})"
         )));
+    }
+    Ok(())
+}
+
+/// The CUDA IPC export of the GPU region at `addr` (see [`crate::RegionMeta::ipc`]): the
+/// handle of its allocation and the allocation's start; empty when the driver will not export
+/// it (memory from a stream-ordered pool, for one), in which case peers stage through the host.
+pub(crate) fn ipc_export(addr: u64, dev: u32) -> Vec<u8> {
+    let export = || -> Result<Vec<u8>> {
+        let d = device(dev)?;
+        let (base, _) = d
+            .allocation_of(addr)
+            .map_err(|e| cuda_err("finding the allocation", e))?;
+        let h = d
+            .ipc_handle(base)
+            .map_err(|e| cuda_err("exporting the allocation", e))?;
+        let mut v = h.to_vec();
+        v.extend_from_slice(&base.to_le_bytes());
+        Ok(v)
+    };
+    // Not exportable: peers stage through the host (and say so when CUDA IPC is asked for).
+    export().unwrap_or_default()
+}
+
+/// A remote agent's GPU allocations mapped into this process, by allocation start.
+#[derive(Default)]
+pub(crate) struct IpcMaps(Mutex<HashMap<u64, Arc<IpcMemory>>>);
+
+impl IpcMaps {
+    /// This process's address for the remote address `addr` of remote region `rid`, mapping
+    /// the region's allocation on first use (into GPU `dev`'s context).
+    fn translate(&self, r: &Remote, rid: u32, addr: u64, dev: &Arc<Device>) -> Result<u64> {
+        let meta = r.meta.regions.iter().find(|m| m.id == rid).ok_or_else(|| {
+            peer_err(&r.meta.name, format!("region {rid} is not in its metadata"))
+        })?;
+        if meta.ipc.len() != 72 {
+            return Err(peer_err(
+                &r.meta.name,
+                format!("region {rid} has no CUDA IPC handle"),
+            ));
+        }
+        let base = u64::from_le_bytes(meta.ipc[64..72].try_into().expect("8 bytes"));
+        if addr < base {
+            return Err(peer_err(
+                &r.meta.name,
+                format!("address {addr:#x} lies before its allocation {base:#x}"),
+            ));
+        }
+        let mut g = self.0.lock();
+        let m = match g.get(&base) {
+            Some(m) => m.clone(),
+            None => {
+                let m =
+                    Arc::new(IpcMemory::open(dev, &meta.ipc[..64]).map_err(|e| {
+                        peer_err(&r.meta.name, format!("mapping its GPU memory: {e}"))
+                    })?);
+                g.insert(base, m.clone());
+                m
+            }
+        };
+        Ok(m.ptr() + (addr - base))
+    }
+}
+
+/// Runs a [`crate::Backend::CudaIpc`] transfer on the same-host worker thread.
+pub(crate) fn run_ipc(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
+    let r = &x.remote;
+    let name = &r.meta.name;
+    let peer = crate::shm::peer_of(r)?;
+    if peer.exited() {
+        return Err(peer_err(name, "process exited"));
+    }
+    let notif = x.take_notif();
+    let conn = if notif.is_some() {
+        Some(r.conn(inner)?)
+    } else {
+        None
+    };
+    let dev = device(x.local_dev)?;
+    let mut pairs = Vec::with_capacity(x.local.len());
+    for ((l, rs), &rid) in x.local.iter().zip(&x.remote_segs).zip(&x.remote_regions) {
+        let there = r.ipc.translate(r, rid, rs.addr, &dev)?;
+        pairs.push(match x.op {
+            Op::Write => (there, l.addr, l.len as usize),
+            Op::Read => (l.addr, there, l.len as usize),
+        });
+    }
+    if x.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    // Many fragments go in one kernel launch (big ones to the copy engines); without NVRTC,
+    // one DMA per fragment. Local segments lie in this agent's registered GPU regions (checked
+    // at prepare); remote ones in the peer's registered regions as its metadata lists them,
+    // translated into the mapping of their allocation, which the peer keeps while registered.
+    let copied = match copy_list(x.local_dev) {
+        // SAFETY: as above.
+        Ok(list) => unsafe { list.copy(&pairs) },
+        // SAFETY: as above.
+        Err(_) => unsafe { dev.copy_batch(&pairs) },
+    };
+    copied.map_err(|e| peer_err(name, format!("GPU copy: {e}")))?;
+    if peer.exited() {
+        return Err(peer_err(name, "process exited during the transfer"));
+    }
+    if let (Some(c), Some(m)) = (conn, notif) {
+        c.send_notif(m)?;
     }
     Ok(())
 }

@@ -1,7 +1,28 @@
-//! Without the `cuda` feature no transfer touches GPU memory: staging cannot exist.
+//! Without the `cuda` feature no transfer touches GPU memory: staging cannot exist, and no GPU
+//! memory is mapped from other processes.
 
-use crate::error::Result;
-use crate::xfer::Seg;
+use std::sync::Arc;
+
+use crate::agent::Inner;
+use crate::error::{Error, Result};
+use crate::xfer::{Seg, XferShared};
+
+/// No GPU region is exported without the `cuda` feature.
+pub(crate) fn ipc_export(_addr: u64, _dev: u32) -> Vec<u8> {
+    Vec::new()
+}
+
+/// Nothing is mapped without the `cuda` feature.
+#[derive(Default)]
+pub(crate) struct IpcMaps;
+
+/// Never chosen without the `cuda` feature (`prepare` refuses it).
+pub(crate) fn run_ipc(_inner: &Arc<Inner>, _x: &XferShared) -> Result<()> {
+    Err(Error::Unavailable {
+        backend: "cuda_ipc",
+        msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
+    })
+}
 
 /// Never constructed without the `cuda` feature.
 pub(crate) enum Staging {}

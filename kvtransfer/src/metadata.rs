@@ -10,7 +10,7 @@ use crate::desc::MemKind;
 use crate::error::{Error, Result};
 use crate::mem::RegionTable;
 
-pub const METADATA_VERSION: u16 = 1;
+pub const METADATA_VERSION: u16 = 2;
 const MAGIC: &[u8; 4] = b"KVTM";
 const MAX_BLOB: usize = 64 << 20;
 
@@ -24,6 +24,10 @@ pub struct RegionMeta {
     pub dev: u32,
     /// UCX remote key (packed), empty when UCX is not in use.
     pub ucx_rkey: Vec<u8>,
+    /// For GPU memory: the CUDA IPC handle of the device allocation holding the region (64
+    /// bytes) and that allocation's start address (u64 LE), so a process on the same host can
+    /// map it; empty otherwise, or when the driver would not export it.
+    pub ipc: Vec<u8>,
 }
 
 /// Decoded metadata of an agent.
@@ -67,6 +71,7 @@ impl AgentMetadata {
             b.push(r.kind as u8);
             b.extend_from_slice(&r.dev.to_le_bytes());
             put_bytes(&mut b, &r.ucx_rkey);
+            put_bytes(&mut b, &r.ipc);
         }
         put_bytes(&mut b, &self.ucx_worker);
         let sum = xxhash_rust::xxh3::xxh3_64(&b);
@@ -115,7 +120,7 @@ impl AgentMetadata {
             );
         }
         let n = r.u32()? as usize;
-        if n > r.remaining() / 29 {
+        if n > r.remaining() / 33 {
             return Err(bad("region count larger than the blob"));
         }
         let mut regions = Vec::with_capacity(n);
@@ -126,6 +131,10 @@ impl AgentMetadata {
             let kind = MemKind::from_u8(r.u8()?).ok_or_else(|| bad("unknown memory kind"))?;
             let dev = r.u32()?;
             let ucx_rkey = r.bytes()?.to_vec();
+            let ipc = r.bytes()?.to_vec();
+            if !ipc.is_empty() && ipc.len() != 72 {
+                return Err(bad("a CUDA IPC handle has 72 bytes"));
+            }
             if addr.checked_add(len).is_none() {
                 return Err(bad("region wraps the address space"));
             }
@@ -136,6 +145,7 @@ impl AgentMetadata {
                 kind,
                 dev,
                 ucx_rkey,
+                ipc,
             });
         }
         let ucx_worker = r.bytes()?.to_vec();
@@ -227,6 +237,7 @@ mod tests {
                 kind: MemKind::Dram,
                 dev: 0,
                 ucx_rkey: vec![9, 8, 7],
+                ipc: vec![5; 72],
             }],
             ucx_worker: vec![1, 2, 3, 4],
         }

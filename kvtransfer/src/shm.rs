@@ -72,7 +72,7 @@ impl Peer {
         Ok(p)
     }
 
-    fn exited(&self) -> bool {
+    pub(crate) fn exited(&self) -> bool {
         let mut p = libc::pollfd {
             fd: self.pidfd,
             events: libc::POLLIN,
@@ -127,7 +127,10 @@ impl Worker {
                         x.complete(Err(Error::Cancelled));
                         continue;
                     }
-                    let r = run(&i, &x);
+                    let r = match x.backend {
+                        crate::xfer::Backend::CudaIpc => crate::gpu::run_ipc(&i, &x),
+                        _ => run(&i, &x),
+                    };
                     x.complete(r);
                 }
             })?;
@@ -148,20 +151,23 @@ impl Worker {
     }
 }
 
+/// The remote's process, opened on first use.
+pub(crate) fn peer_of(r: &Remote) -> Result<Arc<Peer>> {
+    let mut g = r.shm.lock();
+    match g.as_ref() {
+        Some(p) => Ok(p.clone()),
+        None => {
+            let p = Arc::new(Peer::open(r)?);
+            *g = Some(p.clone());
+            Ok(p)
+        }
+    }
+}
+
 fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
     let r = &x.remote;
     let name = &r.meta.name;
-    let peer = {
-        let mut g = r.shm.lock();
-        match g.as_ref() {
-            Some(p) => p.clone(),
-            None => {
-                let p = Arc::new(Peer::open(r)?);
-                *g = Some(p.clone());
-                p
-            }
-        }
-    };
+    let peer = peer_of(r)?;
     if peer.exited() {
         return Err(peer_err(name, "process exited"));
     }

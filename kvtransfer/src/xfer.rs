@@ -22,6 +22,9 @@ pub enum Backend {
     Tcp,
     Shm,
     Ucx,
+    /// GPU to GPU on one host (feature `cuda`): the peer's GPU allocations mapped through CUDA
+    /// IPC and copied by the driver.
+    CudaIpc,
 }
 
 impl Backend {
@@ -30,6 +33,7 @@ impl Backend {
             Backend::Tcp => "tcp",
             Backend::Shm => "shm",
             Backend::Ucx => "ucx",
+            Backend::CudaIpc => "cuda_ipc",
         }
     }
 }
@@ -94,9 +98,12 @@ pub(crate) struct XferShared {
     pub remote: Arc<Remote>,
     pub local: Vec<Seg>,
     pub remote_segs: Vec<Seg>,
-    /// Remote region ids of each remote segment (UCX rkeys).
+    /// Remote region ids of each remote segment (UCX rkeys, CUDA IPC mappings).
     #[allow(dead_code)]
     pub remote_regions: Vec<u32>,
+    /// The GPU of the local segments, when they are GPU memory.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub local_dev: u32,
     pub total: u64,
     /// The remote segments encoded for the TCP wire (addr, len pairs).
     pub wire_descs: Vec<u8>,

@@ -204,3 +204,238 @@ fn gpu_memory_errors() {
         Err(Error::OutOfRegion { .. })
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// GPU to GPU between two processes (CUDA IPC). The test binary starts itself again as the peer
+// (the `ipc_peer_process` entry below, which does nothing unless started that way).
+
+const IPC_LEN: usize = 64 << 20;
+const IPC_SEED: u64 = 0x5eed_1bc0;
+
+fn ipc_pattern() -> Vec<u8> {
+    let mut v = vec![0u8; IPC_LEN];
+    rand::rngs::StdRng::seed_from_u64(IPC_SEED).fill_bytes(&mut v);
+    v
+}
+
+/// The peer: 64 MiB of GPU memory holding [`ipc_pattern`], registered with an agent; prints
+/// `READY <addr> <gpu base>` and then every notification it receives, one per line.
+#[test]
+fn ipc_peer_process() {
+    if std::env::var("KVT_IPC_PEER").is_err() {
+        return;
+    }
+    let dev = Device::open(0).expect("GPU");
+    let mut c = AgentConfig::new("ipc-peer");
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    let agent = Agent::new(c).expect("agent");
+    let gpu = DeviceBuffer::alloc(&dev, IPC_LEN).expect("device memory");
+    gpu.write(0, &ipc_pattern()).unwrap();
+    // SAFETY: `gpu` outlives the agent's use of it (this process ends in the loop below).
+    unsafe { agent.register_raw(gpu.ptr(), IPC_LEN as u64, MemKind::Vram, 0) }.unwrap();
+    println!("READY {} {}", agent.listen_addr(), gpu.ptr());
+    loop {
+        if let Some(n) = agent.wait_notif(Duration::from_secs(60)) {
+            println!("NOTIF {}", String::from_utf8_lossy(&n.msg));
+        }
+    }
+}
+
+struct IpcPeer {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    addr: std::net::SocketAddr,
+    base: u64,
+}
+
+impl IpcPeer {
+    // The child is killed and waited for when the returned value is dropped; a panic here
+    // (no READY line) leaves it to the test harness's exit.
+    #[allow(clippy::zombie_processes)]
+    fn start() -> IpcPeer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ipc_peer_process",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("KVT_IPC_PEER", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting the peer process");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            let l = lines.recv_timeout(WAIT).expect("the peer said READY");
+            if let Some(rest) = l.strip_prefix("READY ") {
+                let mut it = rest.split_whitespace();
+                let addr = it.next().unwrap().parse().unwrap();
+                let base = it.next().unwrap().parse().unwrap();
+                return IpcPeer {
+                    child,
+                    lines,
+                    addr,
+                    base,
+                };
+            }
+        }
+    }
+
+    fn notif(&self) -> String {
+        loop {
+            let l = self.lines.recv_timeout(WAIT).expect("a notification line");
+            if let Some(m) = l.strip_prefix("NOTIF ") {
+                return m.to_string();
+            }
+        }
+    }
+}
+
+impl Drop for IpcPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn gpu_to_gpu_between_processes_over_cuda_ipc() {
+    let Some(dev) = gpu() else { return };
+    let peer = IpcPeer::start();
+    let mut c = AgentConfig::new("ipc-local");
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    let agent = Agent::new(c).expect("agent");
+    let mine = DeviceBuffer::alloc(&dev, IPC_LEN).expect("device memory");
+    // SAFETY: `mine` outlives the agent (dropped at the end of this test, after it).
+    unsafe { agent.register_raw(mine.ptr(), IPC_LEN as u64, MemKind::Vram, 0) }.unwrap();
+    let name = agent.connect(peer.addr).unwrap();
+    let pattern = ipc_pattern();
+    let seed = rand::rng().next_u64();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    const B: usize = 64 << 10;
+    let nblocks = IPC_LEN / B;
+    // READ random lists of the peer's blocks into random local blocks, then WRITE random data
+    // into the peer's second half and READ it back: every byte checked, destinations poisoned.
+    for round in 0..40 {
+        let n = rng.random_range(1..=256);
+        let mut ids: Vec<usize> = (0..nblocks).collect();
+        for i in (1..nblocks).rev() {
+            ids.swap(i, rng.random_range(0..=i));
+        }
+        let (theirs, ours) = (&ids[..n], &ids[nblocks - n..]);
+        let lens: Vec<usize> = (0..n).map(|_| rng.random_range(1..=B)).collect();
+        let op = if round % 2 == 0 { Op::Read } else { Op::Write };
+        let mut l = DescList::new(MemKind::Vram);
+        let mut r = DescList::new(MemKind::Vram);
+        for i in 0..n {
+            l.push(mine.ptr() + (ours[i] * B) as u64, lens[i] as u64, 0);
+            r.push(peer.base + (theirs[i] * B) as u64, lens[i] as u64, 0);
+        }
+        let mut local = vec![POISON; IPC_LEN];
+        let mut data = vec![0u8; IPC_LEN];
+        if op == Op::Write {
+            rng.fill_bytes(&mut data);
+            mine.write(0, &data).unwrap();
+        } else {
+            mine.write(0, &local).unwrap();
+        }
+        let h = agent.prepare(op, &l, &name, &r, None).expect("prepare");
+        assert_eq!(h.backend(), Backend::CudaIpc);
+        let msg = format!("round-{round}");
+        h.post(Some(msg.as_bytes())).unwrap();
+        let st = h.wait_timeout(WAIT).expect("transfer");
+        assert_eq!(st.bytes, lens.iter().sum::<usize>() as u64);
+        assert_eq!(peer.notif(), msg);
+        if op == Op::Write {
+            // Read the written blocks back into poisoned memory.
+            mine.write(0, &local).unwrap();
+            let h = agent.prepare(Op::Read, &l, &name, &r, None).unwrap();
+            h.post(None).unwrap();
+            h.wait_timeout(WAIT).expect("read back");
+        }
+        mine.read(0, &mut local).unwrap();
+        let mut expect = vec![POISON; IPC_LEN];
+        for i in 0..n {
+            let (o, t) = (ours[i] * B, theirs[i] * B);
+            let src = if op == Op::Write {
+                &data[o..o + lens[i]]
+            } else {
+                &pattern[t..t + lens[i]]
+            };
+            expect[o..o + lens[i]].copy_from_slice(src);
+        }
+        assert!(local == expect, "{op:?} round {round}: bytes differ");
+    }
+    eprintln!("40 random lists moved GPU to GPU between two processes, bit-exact");
+    // Throughput on this GPU (both processes on one device): 16 KiB fragments and one piece.
+    for frag in [16usize << 10, IPC_LEN / 2] {
+        let mut l = DescList::new(MemKind::Vram);
+        let mut r = DescList::new(MemKind::Vram);
+        for i in 0..(IPC_LEN / 2) / frag {
+            l.push(mine.ptr() + (i * frag) as u64, frag as u64, 0);
+            r.push(
+                peer.base + ((i * 2 % ((IPC_LEN / 2) / frag)) * frag) as u64,
+                frag as u64,
+                0,
+            );
+        }
+        let h = agent.prepare(Op::Read, &l, &name, &r, None).unwrap();
+        h.post(None).unwrap();
+        let st = h.wait_timeout(WAIT).unwrap();
+        eprintln!(
+            "READ of {} MiB in {} KiB fragments: {:.1} GB/s",
+            (IPC_LEN / 2) >> 20,
+            frag >> 10,
+            st.gbps()
+        );
+    }
+    // A peer killed while a transfer runs: the transfer fails, or completed with every byte.
+    let mut peer = peer;
+    let mut l = DescList::new(MemKind::Vram);
+    let mut r = DescList::new(MemKind::Vram);
+    for i in 0..IPC_LEN / 4096 {
+        l.push(mine.ptr() + (i * 4096) as u64, 4096, 0);
+        r.push(
+            peer.base + (((i * 7919) % (IPC_LEN / 4096)) * 4096) as u64,
+            4096,
+            0,
+        );
+    }
+    mine.write(0, &vec![POISON; IPC_LEN]).unwrap();
+    let h = agent.prepare(Op::Read, &l, &name, &r, None).unwrap();
+    h.post(None).unwrap();
+    peer.child.kill().unwrap();
+    peer.child.wait().unwrap();
+    match h.wait_timeout(WAIT) {
+        Err(e) => eprintln!("killed peer: the transfer failed ({e})"),
+        Ok(_) => {
+            let mut got = vec![0u8; IPC_LEN];
+            mine.read(0, &mut got).unwrap();
+            for i in 0..IPC_LEN / 4096 {
+                let t = ((i * 7919) % (IPC_LEN / 4096)) * 4096;
+                assert!(
+                    got[i * 4096..(i + 1) * 4096] == pattern[t..t + 4096],
+                    "a transfer reported complete with block {i} wrong"
+                );
+            }
+            eprintln!("killed peer: the transfer had completed, every byte right");
+        }
+    }
+    // Once the peer is gone, transfers to it fail.
+    let h = agent.prepare(Op::Read, &l, &name, &r, None).unwrap();
+    h.post(None).unwrap();
+    assert!(
+        h.wait_timeout(WAIT).is_err(),
+        "a transfer to a dead peer succeeded"
+    );
+}

@@ -31,9 +31,10 @@ fn backend(name: Option<&str>) -> PyResult<Option<Backend>> {
         Some("tcp") => Some(Backend::Tcp),
         Some("shm") => Some(Backend::Shm),
         Some("ucx") => Some(Backend::Ucx),
+        Some("cuda_ipc") => Some(Backend::CudaIpc),
         Some(other) => {
             return Err(PyValueError::new_err(format!(
-                "unknown backend {other:?} (auto, tcp, shm or ucx)"
+                "unknown backend {other:?} (auto, tcp, shm, ucx or cuda_ipc)"
             )))
         }
     })

@@ -177,6 +177,63 @@ impl Device {
         })
     }
 
+    /// A CUDA IPC handle for the device allocation that starts at `base`: another process on
+    /// this host maps it with [`IpcMemory::open`].
+    pub fn ipc_handle(&self, base: u64) -> Result<[u8; 64]> {
+        self.bind()?;
+        let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: valid out-pointer; the driver validates `base`.
+        check("cuIpcGetMemHandle", unsafe {
+            sys::cuIpcGetMemHandle(&mut h, base)
+        })?;
+        let mut out = [0u8; 64];
+        for (o, &c) in out.iter_mut().zip(h.reserved.iter()) {
+            *o = c as u8;
+        }
+        Ok(out)
+    }
+
+    /// Copies each `(dst, src, len)` between addresses the driver knows (device memory of any
+    /// GPU, memory mapped from another process, pinned host memory), queued on one stream of
+    /// this device and waited for.
+    ///
+    /// # Safety
+    /// Every `src` must be valid for `len` bytes of reads and every `dst` for `len` bytes of
+    /// writes that nothing else uses meanwhile.
+    pub unsafe fn copy_batch(&self, pairs: &[(u64, u64, usize)]) -> Result<()> {
+        self.bind()?;
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; destroyed below.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            )
+        })?;
+        let run = || -> Result<()> {
+            for &(dst, src, len) in pairs {
+                // SAFETY: the caller's contract; the stream is live.
+                check("cuMemcpyAsync", unsafe {
+                    sys::cuMemcpyAsync(dst, src, len, stream)
+                })?;
+            }
+            // SAFETY: the stream is live.
+            check("cuStreamSynchronize", unsafe {
+                sys::cuStreamSynchronize(stream)
+            })
+        };
+        let r = run();
+        // SAFETY: created above; a failed copy leaves the stream destroyable. On error the
+        // stream is first waited for, so no copy still runs once this returns.
+        unsafe {
+            if r.is_err() {
+                sys::cuStreamSynchronize(stream);
+            }
+            sys::cuStreamDestroy_v2(stream);
+        }
+        r
+    }
+
     /// Waits until all work on the device is done.
     pub fn synchronize(&self) -> Result<()> {
         self.bind()?;

@@ -28,12 +28,14 @@
 //! # Ok::<(), CudaError>(())
 //! ```
 
+mod copylist;
 mod driver;
 mod engine;
 mod error;
 pub mod layout;
 mod nvrtc;
 
+pub use copylist::{CopyList, DMA_FROM};
 pub use driver::{driver_present, Device, DeviceBuffer, IpcMemory, PinnedBuffer};
 pub use engine::{CopyPath, Engine, EngineConfig, KvCache, Transfer};
 pub use error::{CudaError, ErrorKind, Result};

@@ -1,0 +1,180 @@
+//! One launch for many copies: a list of `(destination, source, length)` between memory the GPU
+//! reaches (its own, a peer GPU's, another process's mapped through CUDA IPC, mapped pinned host
+//! memory), for transfers of many small fragments, where one DMA per fragment would cost more
+//! than the bytes. Fragments of [`DMA_FROM`] bytes or more still go to the copy engines.
+
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys;
+
+use crate::driver::{check, Device, PinnedBuffer};
+use crate::error::Result;
+
+const SOURCE: &str = r#"
+typedef unsigned long long u64;
+struct alignas(16) V { unsigned x, y, z, w; };
+// items: n triples (dst, src, len). Each block takes items in turn; its threads copy 16-byte
+// vectors when all three are multiples of 16, bytes otherwise.
+extern "C" __global__ void __launch_bounds__(256) kvmesh_copy_list(const u64* items, unsigned n) {
+    for (unsigned i = blockIdx.x; i < n; i += gridDim.x) {
+        u64 dst = items[3 * i], src = items[3 * i + 1], len = items[3 * i + 2];
+        if (((dst | src | len) & 15) == 0) {
+            V* d = (V*)dst;
+            const V* s = (const V*)src;
+            u64 nv = len / 16;
+            u64 k = threadIdx.x;
+            for (; k + 3 * blockDim.x < nv; k += 4 * blockDim.x) {
+                V a = s[k], b = s[k + blockDim.x], c = s[k + 2 * blockDim.x], e = s[k + 3 * blockDim.x];
+                d[k] = a; d[k + blockDim.x] = b; d[k + 2 * blockDim.x] = c; d[k + 3 * blockDim.x] = e;
+            }
+            for (; k < nv; k += blockDim.x) d[k] = s[k];
+        } else {
+            char* d = (char*)dst;
+            const char* s = (const char*)src;
+            for (u64 k = threadIdx.x; k < len; k += blockDim.x) d[k] = s[k];
+        }
+    }
+}
+"#;
+
+/// Fragments of at least this many bytes are copied by the copy engines.
+pub const DMA_FROM: usize = 1 << 20;
+const THREADS: u32 = 256;
+
+/// The list-copy kernel of one GPU, with its stream and a reusable item buffer.
+pub struct CopyList {
+    device: Arc<Device>,
+    module: sys::CUmodule,
+    function: sys::CUfunction,
+    stream: sys::CUstream,
+    items: Mutex<Option<PinnedBuffer>>,
+    ctas: u32,
+}
+
+// SAFETY: the handles may be used from any thread once the context is bound; copies are
+// serialised by the item buffer's lock.
+unsafe impl Send for CopyList {}
+// SAFETY: as above.
+unsafe impl Sync for CopyList {}
+
+impl CopyList {
+    /// Compiles the kernel for `device` (NVRTC) and creates its stream.
+    pub fn new(device: &Arc<Device>) -> Result<CopyList> {
+        let (major, minor) = device.compute_capability()?;
+        let ptx = crate::nvrtc::compile_ptx(SOURCE, "kvmesh_copy_list.cu", major, minor, &[])?;
+        device.bind()?;
+        let mut module = std::ptr::null_mut();
+        // SAFETY: NUL-terminated PTX; unloaded in Drop (or below on failure).
+        check("cuModuleLoadData", unsafe {
+            sys::cuModuleLoadData(&mut module, ptx.as_ptr() as *const c_void)
+        })?;
+        let name = CString::new("kvmesh_copy_list").expect("no NUL");
+        let mut function = std::ptr::null_mut();
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: the module is loaded; valid out-pointers.
+        let r = check("cuModuleGetFunction", unsafe {
+            sys::cuModuleGetFunction(&mut function, module, name.as_ptr())
+        })
+        .and_then(|_| {
+            // SAFETY: valid out-pointer; destroyed in Drop.
+            check("cuStreamCreate", unsafe {
+                sys::cuStreamCreate(
+                    &mut stream,
+                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+                )
+            })
+        });
+        if let Err(e) = r {
+            // SAFETY: loaded above, unloaded once.
+            unsafe { sys::cuModuleUnload(module) };
+            return Err(e);
+        }
+        Ok(CopyList {
+            device: device.clone(),
+            module,
+            function,
+            stream,
+            items: Mutex::new(None),
+            ctas: device.multiprocessors()? * 4,
+        })
+    }
+
+    /// Copies every `(dst, src, len)` and waits until all are done.
+    ///
+    /// # Safety
+    /// Every `src` must be valid for `len` bytes of reads and every `dst` for `len` bytes of
+    /// writes that nothing else uses meanwhile, all reachable from this GPU.
+    pub unsafe fn copy(&self, pairs: &[(u64, u64, usize)]) -> Result<()> {
+        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+        self.device.bind()?;
+        let small: Vec<&(u64, u64, usize)> =
+            pairs.iter().filter(|p| p.2 > 0 && p.2 < DMA_FROM).collect();
+        let run = |items: &mut Option<PinnedBuffer>| -> Result<()> {
+            for &(dst, src, len) in pairs.iter().filter(|p| p.2 >= DMA_FROM) {
+                // SAFETY: the caller's contract; the stream is live.
+                check("cuMemcpyAsync", unsafe {
+                    sys::cuMemcpyAsync(dst, src, len, self.stream)
+                })?;
+            }
+            if !small.is_empty() {
+                let need = small.len() * 24;
+                if items.as_ref().is_none_or(|b| b.len() < need) {
+                    *items = Some(PinnedBuffer::alloc(&self.device, need.next_power_of_two())?);
+                }
+                let buf = items.as_mut().expect("allocated");
+                let words = buf.as_mut_slice();
+                for (i, &&(dst, src, len)) in small.iter().enumerate() {
+                    words[i * 24..i * 24 + 8].copy_from_slice(&dst.to_le_bytes());
+                    words[i * 24 + 8..i * 24 + 16].copy_from_slice(&src.to_le_bytes());
+                    words[i * 24 + 16..i * 24 + 24].copy_from_slice(&(len as u64).to_le_bytes());
+                }
+                let mut list = buf.addr();
+                let mut n = small.len() as u32;
+                let mut args = [
+                    &mut list as *mut u64 as *mut c_void,
+                    &mut n as *mut u32 as *mut c_void,
+                ];
+                let grid = n.min(self.ctas).max(1);
+                // SAFETY: the kernel takes (const u64*, unsigned); the list lies in mapped pinned
+                // memory the GPU reads (unified addressing), and stays untouched until the stream
+                // is synchronised below.
+                check("cuLaunchKernel", unsafe {
+                    sys::cuLaunchKernel(
+                        self.function,
+                        grid,
+                        1,
+                        1,
+                        THREADS,
+                        1,
+                        1,
+                        0,
+                        self.stream,
+                        args.as_mut_ptr(),
+                        std::ptr::null_mut(),
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        let r = run(&mut items);
+        // Always wait, so that no copy still runs (or reads the item list) once this returns.
+        // SAFETY: the stream is live.
+        let w = check("cuStreamSynchronize", unsafe {
+            sys::cuStreamSynchronize(self.stream)
+        });
+        r.and(w)
+    }
+}
+
+impl Drop for CopyList {
+    fn drop(&mut self) {
+        if self.device.bind().is_ok() {
+            // SAFETY: created in `new`, released once.
+            unsafe {
+                sys::cuStreamDestroy_v2(self.stream);
+                sys::cuModuleUnload(self.module);
+            }
+        }
+    }
+}
