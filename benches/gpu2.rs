@@ -77,6 +77,7 @@ fn main() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("starting the peer process");
+    eprintln!("[gpu2] waiting for the peer process on GPU {peer_gpu}");
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let (addr, base): (std::net::SocketAddr, u64) = loop {
         let l = lines.next().expect("the peer said READY").unwrap();
@@ -153,7 +154,11 @@ fn main() {
                 r.push(base + (src[i] * size) as u64, size as u64, peer_gpu as u32);
             }
             let h = a.prepare(Op::Read, &l, &name, &r, None).expect("prepare");
-            assert_eq!(h.backend(), Backend::CudaIpc, "GPU to GPU on one host uses CUDA IPC");
+            assert_eq!(
+                h.backend(),
+                Backend::CudaIpc,
+                "GPU to GPU on one host uses CUDA IPC"
+            );
             h.post(None).unwrap();
             let st = h.wait_timeout(Duration::from_secs(60)).expect("transfer");
             rates.push(st.gbps());
@@ -182,5 +187,8 @@ fn main() {
         eprintln!("could not write {}: {e}", path.display());
         std::process::exit(1);
     }
-    eprintln!("[gpu2] wrote target/bench/gpu2.json in {:.1}s", t0.elapsed().as_secs_f64());
+    eprintln!(
+        "[gpu2] wrote target/bench/gpu2.json in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
 }

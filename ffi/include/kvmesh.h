@@ -67,6 +67,10 @@
 // UCX (libucp >= 1.22 loaded at run time; both agents need `ucx`).
 #define KVMESH_BACKEND_UCX 3
 
+// GPU memory to GPU memory of another process on the same host (CUDA IPC; a build with the
+// `cuda` feature).
+#define KVMESH_BACKEND_CUDA_IPC 4
+
 // Prepared, never posted.
 #define KVMESH_XFER_IDLE 0
 

@@ -42,6 +42,9 @@ pub const KVMESH_BACKEND_TCP: i32 = 1;
 pub const KVMESH_BACKEND_SHM: i32 = 2;
 /// UCX (libucp >= 1.22 loaded at run time; both agents need `ucx`).
 pub const KVMESH_BACKEND_UCX: i32 = 3;
+/// GPU memory to GPU memory of another process on the same host (CUDA IPC; a build with the
+/// `cuda` feature).
+pub const KVMESH_BACKEND_CUDA_IPC: i32 = 4;
 
 /// Prepared, never posted.
 pub const KVMESH_XFER_IDLE: i32 = 0;
@@ -72,6 +75,7 @@ fn backend_code(b: Backend) -> i32 {
         Backend::Tcp => KVMESH_BACKEND_TCP,
         Backend::Shm => KVMESH_BACKEND_SHM,
         Backend::Ucx => KVMESH_BACKEND_UCX,
+        Backend::CudaIpc => KVMESH_BACKEND_CUDA_IPC,
     }
 }
 
@@ -669,6 +673,7 @@ pub unsafe extern "C" fn kvmesh_agent_prepare(
             KVMESH_BACKEND_TCP => Some(Backend::Tcp),
             KVMESH_BACKEND_SHM => Some(Backend::Shm),
             KVMESH_BACKEND_UCX => Some(Backend::Ucx),
+            KVMESH_BACKEND_CUDA_IPC => Some(Backend::CudaIpc),
             b => return Err(format!("backend {b} is not a KVMESH_BACKEND_*").into()),
         };
         let h = a

@@ -275,8 +275,11 @@ impl IpcPeer {
             }
         });
         loop {
-            let l = lines.recv_timeout(WAIT).expect("the peer said READY");
-            if let Some(rest) = l.strip_prefix("READY ") {
+            let l = lines
+                .recv_timeout(Duration::from_secs(120))
+                .expect("the peer said READY");
+            // The test harness may print its own "test ... " before the line's end.
+            if let Some(rest) = l.find("READY ").map(|i| &l[i + 6..]) {
                 let mut it = rest.split_whitespace();
                 let addr = it.next().unwrap().parse().unwrap();
                 let base = it.next().unwrap().parse().unwrap();
@@ -293,7 +296,7 @@ impl IpcPeer {
     fn notif(&self) -> String {
         loop {
             let l = self.lines.recv_timeout(WAIT).expect("a notification line");
-            if let Some(m) = l.strip_prefix("NOTIF ") {
+            if let Some(m) = l.find("NOTIF ").map(|i| &l[i + 6..]) {
                 return m.to_string();
             }
         }
@@ -328,13 +331,20 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
     // into the peer's second half and READ it back: every byte checked, destinations poisoned.
     for round in 0..40 {
         let n = rng.random_range(1..=256);
-        let mut ids: Vec<usize> = (0..nblocks).collect();
-        for i in (1..nblocks).rev() {
-            ids.swap(i, rng.random_range(0..=i));
-        }
-        let (theirs, ours) = (&ids[..n], &ids[nblocks - n..]);
-        let lens: Vec<usize> = (0..n).map(|_| rng.random_range(1..=B)).collect();
         let op = if round % 2 == 0 { Op::Read } else { Op::Write };
+        // READs take the peer's first half (its pattern), WRITEs go to its second half.
+        let half = nblocks / 2;
+        let mut mine_ids: Vec<usize> = (0..nblocks).collect();
+        let mut their_ids: Vec<usize> = (0..half)
+            .map(|i| if op == Op::Read { i } else { half + i })
+            .collect();
+        for v in [&mut mine_ids, &mut their_ids] {
+            for i in (1..v.len()).rev() {
+                v.swap(i, rng.random_range(0..=i));
+            }
+        }
+        let (theirs, ours) = (&their_ids[..n], &mine_ids[..n]);
+        let lens: Vec<usize> = (0..n).map(|_| rng.random_range(1..=B)).collect();
         let mut l = DescList::new(MemKind::Vram);
         let mut r = DescList::new(MemKind::Vram);
         for i in 0..n {
@@ -403,13 +413,11 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
     let mut peer = peer;
     let mut l = DescList::new(MemKind::Vram);
     let mut r = DescList::new(MemKind::Vram);
-    for i in 0..IPC_LEN / 4096 {
+    // From the peer's first half, which still holds its pattern.
+    let pages = IPC_LEN / 2 / 4096;
+    for i in 0..pages {
         l.push(mine.ptr() + (i * 4096) as u64, 4096, 0);
-        r.push(
-            peer.base + (((i * 7919) % (IPC_LEN / 4096)) * 4096) as u64,
-            4096,
-            0,
-        );
+        r.push(peer.base + (((i * 7919) % pages) * 4096) as u64, 4096, 0);
     }
     mine.write(0, &vec![POISON; IPC_LEN]).unwrap();
     let h = agent.prepare(Op::Read, &l, &name, &r, None).unwrap();
@@ -421,8 +429,8 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
         Ok(_) => {
             let mut got = vec![0u8; IPC_LEN];
             mine.read(0, &mut got).unwrap();
-            for i in 0..IPC_LEN / 4096 {
-                let t = ((i * 7919) % (IPC_LEN / 4096)) * 4096;
+            for i in 0..pages {
+                let t = ((i * 7919) % pages) * 4096;
                 assert!(
                     got[i * 4096..(i + 1) * 4096] == pattern[t..t + 4096],
                     "a transfer reported complete with block {i} wrong"

@@ -119,7 +119,7 @@ impl Transfer {
         self.handle.cancel()
     }
 
-    /// The backend that moves the bytes (`"tcp"`, `"shm"` or `"ucx"`).
+    /// The backend that moves the bytes (`"tcp"`, `"shm"`, `"ucx"` or `"cuda_ipc"`).
     #[getter]
     fn backend(&self) -> &'static str {
         self.handle.stats().backend.name()

@@ -38,8 +38,9 @@ extern "C" __global__ void __launch_bounds__(256) kvmesh_copy_list(const u64* it
 }
 "#;
 
-/// Fragments of at least this many bytes are copied by the copy engines.
-pub const DMA_FROM: usize = 1 << 20;
+/// Fragments of at least this many bytes are copied by the copy engines. On one H200 the kernel
+/// moved 256 KiB fragments at 1024 GB/s where one DMA per 1 MiB fragment gave 245 GB/s.
+pub const DMA_FROM: usize = 16 << 20;
 const THREADS: u32 = 256;
 
 /// The list-copy kernel of one GPU, with its stream and a reusable item buffer.
