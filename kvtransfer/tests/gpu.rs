@@ -218,21 +218,25 @@ fn ipc_pattern() -> Vec<u8> {
     v
 }
 
-/// The peer: 64 MiB of GPU memory holding [`ipc_pattern`], registered with an agent; prints
-/// `READY <addr> <gpu base>` and then every notification it receives, one per line.
+/// The peer: 64 MiB of GPU memory (GPU `KVT_IPC_PEER`) holding [`ipc_pattern`], registered
+/// with an agent; prints `READY <addr> <gpu base>` and then every notification it receives, one
+/// per line.
 #[test]
 fn ipc_peer_process() {
-    if std::env::var("KVT_IPC_PEER").is_err() {
+    let Some(ordinal) = std::env::var("KVT_IPC_PEER")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    else {
         return;
-    }
-    let dev = Device::open(0).expect("GPU");
+    };
+    let dev = Device::open(ordinal as usize).expect("GPU");
     let mut c = AgentConfig::new("ipc-peer");
     c.listen = "127.0.0.1:0".parse().unwrap();
     let agent = Agent::new(c).expect("agent");
     let gpu = DeviceBuffer::alloc(&dev, IPC_LEN).expect("device memory");
     gpu.write(0, &ipc_pattern()).unwrap();
     // SAFETY: `gpu` outlives the agent's use of it (this process ends in the loop below).
-    unsafe { agent.register_raw(gpu.ptr(), IPC_LEN as u64, MemKind::Vram, 0) }.unwrap();
+    unsafe { agent.register_raw(gpu.ptr(), IPC_LEN as u64, MemKind::Vram, ordinal) }.unwrap();
     println!("READY {} {}", agent.listen_addr(), gpu.ptr());
     loop {
         if let Some(n) = agent.wait_notif(Duration::from_secs(60)) {
@@ -242,6 +246,8 @@ fn ipc_peer_process() {
 }
 
 struct IpcPeer {
+    /// The peer's GPU: 1 when there are two, else 0.
+    gpu: u32,
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
     addr: std::net::SocketAddr,
@@ -254,6 +260,8 @@ impl IpcPeer {
     #[allow(clippy::zombie_processes)]
     fn start() -> IpcPeer {
         use std::io::BufRead;
+        let gpu = u32::from(Device::open(1).is_ok());
+        eprintln!("peer process on GPU {gpu}");
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -261,7 +269,7 @@ impl IpcPeer {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("KVT_IPC_PEER", "1")
+            .env("KVT_IPC_PEER", gpu.to_string())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("starting the peer process");
@@ -284,6 +292,7 @@ impl IpcPeer {
                 let addr = it.next().unwrap().parse().unwrap();
                 let base = it.next().unwrap().parse().unwrap();
                 return IpcPeer {
+                    gpu,
                     child,
                     lines,
                     addr,
@@ -349,7 +358,7 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
         let mut r = DescList::new(MemKind::Vram);
         for i in 0..n {
             l.push(mine.ptr() + (ours[i] * B) as u64, lens[i] as u64, 0);
-            r.push(peer.base + (theirs[i] * B) as u64, lens[i] as u64, 0);
+            r.push(peer.base + (theirs[i] * B) as u64, lens[i] as u64, peer.gpu);
         }
         let mut local = vec![POISON; IPC_LEN];
         let mut data = vec![0u8; IPC_LEN];
@@ -396,7 +405,7 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
             r.push(
                 peer.base + ((i * 2 % ((IPC_LEN / 2) / frag)) * frag) as u64,
                 frag as u64,
-                0,
+                peer.gpu,
             );
         }
         let h = agent.prepare(Op::Read, &l, &name, &r, None).unwrap();
@@ -417,7 +426,11 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
     let pages = IPC_LEN / 2 / 4096;
     for i in 0..pages {
         l.push(mine.ptr() + (i * 4096) as u64, 4096, 0);
-        r.push(peer.base + (((i * 7919) % pages) * 4096) as u64, 4096, 0);
+        r.push(
+            peer.base + (((i * 7919) % pages) * 4096) as u64,
+            4096,
+            peer.gpu,
+        );
     }
     mine.write(0, &vec![POISON; IPC_LEN]).unwrap();
     let h = agent.prepare(Op::Read, &l, &name, &r, None).unwrap();
