@@ -145,18 +145,13 @@ impl IpcMaps {
 
 /// Runs a [`crate::Backend::CudaIpc`] transfer on the same-host worker thread.
 pub(crate) fn run_ipc(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
+    crate::shm::same_host(inner, x, |_| copy_ipc(x))
+}
+
+/// Copies an IPC transfer's fragments (see [`run_ipc`]).
+fn copy_ipc(x: &XferShared) -> Result<()> {
     let r = &x.remote;
     let name = &r.meta.name;
-    let peer = crate::shm::peer_of(r)?;
-    if peer.exited() {
-        return Err(peer_err(name, "process exited"));
-    }
-    let notif = x.take_notif();
-    let conn = if notif.is_some() {
-        Some(r.conn(inner)?)
-    } else {
-        None
-    };
     let dev = device(x.local_dev)?;
     let mut pairs = Vec::with_capacity(x.local.len());
     for ((l, rs), &rid) in x.local.iter().zip(&x.remote_segs).zip(&x.remote_regions) {
@@ -179,14 +174,7 @@ pub(crate) fn run_ipc(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
         // SAFETY: as above.
         Err(_) => unsafe { dev.copy_batch(&pairs) },
     };
-    copied.map_err(|e| peer_err(name, format!("GPU copy: {e}")))?;
-    if peer.exited() {
-        return Err(peer_err(name, "process exited during the transfer"));
-    }
-    if let (Some(c), Some(m)) = (conn, notif) {
-        c.send_notif(m)?;
-    }
-    Ok(())
+    copied.map_err(|e| peer_err(name, format!("GPU copy: {e}")))
 }
 
 /// One piece of a staged transfer: memory of `kind` on `dev` at `addr`, and its place in the

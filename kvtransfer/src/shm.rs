@@ -164,7 +164,14 @@ pub(crate) fn peer_of(r: &Remote) -> Result<Arc<Peer>> {
     }
 }
 
-fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
+/// Runs a same-host transfer around `move_bytes`: the peer process must be alive before and
+/// after it (a transfer during which it exited fails, whatever the copies returned), and the
+/// notification follows the data over the TCP connection.
+pub(crate) fn same_host(
+    inner: &Arc<Inner>,
+    x: &XferShared,
+    move_bytes: impl FnOnce(&Peer) -> Result<()>,
+) -> Result<()> {
     let r = &x.remote;
     let name = &r.meta.name;
     let peer = peer_of(r)?;
@@ -179,23 +186,7 @@ fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
     } else {
         None
     };
-    if x.total >= SPLIT && x.local.len() < IOV_MAX {
-        // Large copies run as two halves on two threads (the kernel copies page by page).
-        let (l1, r1, l2, r2) = halves(&x.local, &x.remote_segs, x.total / 2);
-        let (a, b) = std::thread::scope(|s| {
-            let h = s.spawn(|| copy(&peer, name, x.op, &x.cancel, &l2, &r2));
-            let a = copy(&peer, name, x.op, &x.cancel, &l1, &r1);
-            (
-                a,
-                h.join()
-                    .unwrap_or_else(|_| Err(Error::Io("copy thread panicked".into()))),
-            )
-        });
-        a?;
-        b?;
-    } else {
-        copy(&peer, name, x.op, &x.cancel, &x.local, &x.remote_segs)?;
-    }
+    move_bytes(&peer)?;
     if peer.exited() {
         return Err(peer_err(name, "process exited during the transfer"));
     }
@@ -203,6 +194,29 @@ fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
         c.send_notif(m)?;
     }
     Ok(())
+}
+
+fn run(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
+    let name = &x.remote.meta.name;
+    same_host(inner, x, |peer| {
+        if x.total >= SPLIT && x.local.len() < IOV_MAX {
+            // Large copies run as two halves on two threads (the kernel copies page by page).
+            let (l1, r1, l2, r2) = halves(&x.local, &x.remote_segs, x.total / 2);
+            let (a, b) = std::thread::scope(|s| {
+                let h = s.spawn(|| copy(peer, name, x.op, &x.cancel, &l2, &r2));
+                let a = copy(peer, name, x.op, &x.cancel, &l1, &r1);
+                (
+                    a,
+                    h.join()
+                        .unwrap_or_else(|_| Err(Error::Io("copy thread panicked".into()))),
+                )
+            });
+            a?;
+            b
+        } else {
+            copy(peer, name, x.op, &x.cancel, &x.local, &x.remote_segs)
+        }
+    })
 }
 
 /// Transfers of at least this many bytes are copied by two threads.

@@ -78,13 +78,9 @@ impl CopyList {
             sys::cuModuleGetFunction(&mut function, module, name.as_ptr())
         })
         .and_then(|_| {
-            // SAFETY: valid out-pointer; destroyed in Drop.
-            check("cuStreamCreate", unsafe {
-                sys::cuStreamCreate(
-                    &mut stream,
-                    sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-                )
-            })
+            // Destroyed in Drop.
+            stream = device.new_stream()?;
+            Ok(())
         });
         if let Err(e) = r {
             // SAFETY: loaded above, unloaded once.

@@ -201,15 +201,8 @@ impl Device {
     /// Every `src` must be valid for `len` bytes of reads and every `dst` for `len` bytes of
     /// writes that nothing else uses meanwhile.
     pub unsafe fn copy_batch(&self, pairs: &[(u64, u64, usize)]) -> Result<()> {
-        self.bind()?;
-        let mut stream = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; destroyed below.
-        check("cuStreamCreate", unsafe {
-            sys::cuStreamCreate(
-                &mut stream,
-                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-            )
-        })?;
+        // Destroyed below.
+        let stream = self.new_stream()?;
         let run = || -> Result<()> {
             for &(dst, src, len) in pairs {
                 // SAFETY: the caller's contract; the stream is live.
@@ -232,6 +225,21 @@ impl Device {
             sys::cuStreamDestroy_v2(stream);
         }
         r
+    }
+
+    /// A new stream of this device that does not wait for the legacy default stream; the caller
+    /// destroys it (`cuStreamDestroy`).
+    pub(crate) fn new_stream(&self) -> Result<sys::CUstream> {
+        self.bind()?;
+        let mut stream = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current.
+        check("cuStreamCreate", unsafe {
+            sys::cuStreamCreate(
+                &mut stream,
+                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
+            )
+        })?;
+        Ok(stream)
     }
 
     /// Waits until all work on the device is done.

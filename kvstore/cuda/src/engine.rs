@@ -254,14 +254,8 @@ fn new_event() -> Result<sys::CUevent> {
 
 impl Lane {
     fn new(device: &Arc<Device>) -> Result<Lane> {
-        let mut stream = std::ptr::null_mut();
-        // SAFETY: valid out-pointer; destroyed in Engine::drop.
-        check("cuStreamCreate", unsafe {
-            sys::cuStreamCreate(
-                &mut stream,
-                sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32,
-            )
-        })?;
+        // Destroyed in Engine::drop.
+        let stream = device.new_stream()?;
         Ok(Lane {
             stream,
             state: Mutex::new(LaneState {
