@@ -108,9 +108,10 @@ pub(crate) fn ipc_export(addr: u64, dev: u32) -> Vec<u8> {
 pub(crate) struct IpcMaps(Mutex<HashMap<u64, Arc<IpcMemory>>>);
 
 impl IpcMaps {
-    /// This process's address for the remote address `addr` of remote region `rid`, mapping
-    /// the region's allocation on first use (into GPU `dev`'s context).
-    fn translate(&self, r: &Remote, rid: u32, addr: u64, dev: &Arc<Device>) -> Result<u64> {
+    /// Where remote region `rid`'s allocation is mapped in this process, and where it starts in
+    /// the peer's: `(mapped, base)`. The allocation is mapped on first use (into GPU `dev`'s
+    /// context).
+    fn mapping(&self, r: &Remote, rid: u32, dev: &Arc<Device>) -> Result<(u64, u64)> {
         let meta = r.meta.regions.iter().find(|m| m.id == rid).ok_or_else(|| {
             peer_err(&r.meta.name, format!("region {rid} is not in its metadata"))
         })?;
@@ -121,12 +122,6 @@ impl IpcMaps {
             ));
         }
         let base = u64::from_le_bytes(meta.ipc[64..72].try_into().expect("8 bytes"));
-        if addr < base {
-            return Err(peer_err(
-                &r.meta.name,
-                format!("address {addr:#x} lies before its allocation {base:#x}"),
-            ));
-        }
         let mut g = self.0.lock();
         let m = match g.get(&base) {
             Some(m) => m.clone(),
@@ -139,7 +134,7 @@ impl IpcMaps {
                 m
             }
         };
-        Ok(m.ptr() + (addr - base))
+        Ok((m.ptr(), base))
     }
 }
 
@@ -154,8 +149,27 @@ fn copy_ipc(x: &XferShared) -> Result<()> {
     let name = &r.meta.name;
     let dev = device(x.local_dev)?;
     let mut pairs = Vec::with_capacity(x.local.len());
+    // The mapping of the region the previous fragment was in (most fragments share one).
+    let mut last: Option<(u32, u64, u64)> = None;
     for ((l, rs), &rid) in x.local.iter().zip(&x.remote_segs).zip(&x.remote_regions) {
-        let there = r.ipc.translate(r, rid, rs.addr, &dev)?;
+        let (mapped, base) = match last {
+            Some((id, m, b)) if id == rid => (m, b),
+            _ => {
+                let (m, b) = r.ipc.mapping(r, rid, &dev)?;
+                last = Some((rid, m, b));
+                (m, b)
+            }
+        };
+        if rs.addr < base {
+            return Err(peer_err(
+                name,
+                format!(
+                    "address {:#x} lies before its allocation {base:#x}",
+                    rs.addr
+                ),
+            ));
+        }
+        let there = mapped + (rs.addr - base);
         pairs.push(match x.op {
             Op::Write => (there, l.addr, l.len as usize),
             Op::Read => (l.addr, there, l.len as usize),
