@@ -114,9 +114,10 @@ fn main() {
     json.insert("gpus".into(), gpus.into());
     // The baseline: one contiguous copy of the same bytes from the peer's mapped memory.
     let meta = a.remote_metadata(&name).expect("metadata");
-    let ipc = &meta.regions[0].ipc;
-    let alloc_base = u64::from_le_bytes(ipc[64..72].try_into().unwrap());
-    let mapped = IpcMemory::open(&dev, &ipc[..64]).expect("mapping the peer's memory");
+    let (handle, alloc_base) = meta.regions[0]
+        .ipc_handle()
+        .expect("the peer's GPU memory is exported for CUDA IPC");
+    let mapped = IpcMemory::open(&dev, handle).expect("mapping the peer's memory");
     let from = mapped.ptr() + (base - alloc_base);
     let mut rates = Vec::new();
     for _ in 0..reps {

@@ -1110,6 +1110,11 @@ const AIO_MIN: usize = 128 << 10;
 /// faster than `pwrite`.
 const AIO_PARTS: usize = 4;
 
+/// Whether a direct block of `len` bytes goes through native AIO in [`AIO_PARTS`] parts.
+fn uses_aio(mode: IoMode, len: usize) -> bool {
+    mode.direct && mode.aio && len >= AIO_MIN && len.is_multiple_of(IO_ALIGN * AIO_PARTS)
+}
+
 /// Reads `buf.len()` bytes at `off` (aligned as direct I/O needs) and returns the XXH3-64 of the
 /// first `len`. A large block is read as [`AIO_PARTS`] parts submitted at once with Linux
 /// native AIO, and each part is hashed as soon as it and those before it have arrived, so the
@@ -1122,11 +1127,7 @@ fn read_and_sum(
     buf: &mut [u8],
     len: usize,
 ) -> std::io::Result<u64> {
-    if mode.direct
-        && mode.aio
-        && buf.len() >= AIO_MIN
-        && buf.len().is_multiple_of(IO_ALIGN * AIO_PARTS)
-    {
+    if uses_aio(mode, buf.len()) {
         if let Some(r) = aio::with_ctx(|ctx| chunked_read(ctx, file, off, buf, len)) {
             return r;
         }
@@ -1148,12 +1149,7 @@ fn write_and_sum(
     buf: &[u8],
     len: usize,
 ) -> std::io::Result<u64> {
-    if mode.direct
-        && mode.aio
-        && buf.len() >= AIO_MIN
-        && buf.len().is_multiple_of(IO_ALIGN * AIO_PARTS)
-        && (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN)
-    {
+    if uses_aio(mode, buf.len()) && (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN) {
         if let Some(r) = aio::with_ctx(|ctx| aio_write(ctx, file, off, buf, len)) {
             return r;
         }

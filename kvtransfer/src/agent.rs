@@ -673,13 +673,18 @@ impl Agent {
                 rregs.push(rid);
             }
         }
+        // The peer's GPU regions the driver would not export (usually none).
+        let unexported: Vec<u32> = r
+            .meta
+            .regions
+            .iter()
+            .filter(|m| m.kind == MemKind::Vram && m.ipc.is_empty())
+            .map(|m| m.id)
+            .collect();
         let backend = if backend == Backend::CudaIpc
-            && rregs.iter().any(|id| {
-                r.meta
-                    .regions
-                    .iter()
-                    .all(|m| m.id != *id || m.ipc.is_empty())
-            }) {
+            && !unexported.is_empty()
+            && rregs.iter().any(|id| unexported.contains(id))
+        {
             // A remote allocation the driver would not export.
             if requested == Some(Backend::CudaIpc) {
                 return Err(Error::Unavailable {
@@ -703,15 +708,17 @@ impl Agent {
         } else {
             Vec::new()
         };
-        // This side's GPU descriptors: the backend moves a host staging buffer in their place.
+        let local_dev = local.as_slice().first().map_or(0, |d| d.dev);
+        if local.kind() == MemKind::Vram && local.as_slice().iter().any(|d| d.dev != local_dev) {
+            return Err(Error::Invalid(
+                "the local descriptors of one transfer must be on one GPU".into(),
+            ));
+        }
+        // This side's GPU descriptors: the backend moves a host staging buffer in their place
+        // (CUDA IPC copies them where they are).
         #[cfg(feature = "cuda")]
         let staging = if local.kind() == MemKind::Vram && backend != Backend::CudaIpc {
-            let dev = local.as_slice().first().map_or(0, |d| d.dev);
-            if local.as_slice().iter().any(|d| d.dev != dev) {
-                return Err(Error::Invalid(
-                    "the local descriptors of one transfer must be on one GPU".into(),
-                ));
-            }
+            let dev = local_dev;
             let pieces = lsegs
                 .iter()
                 .map(|s| crate::gpu::Piece {
@@ -738,7 +745,7 @@ impl Agent {
                 local: lsegs,
                 remote_segs: rsegs,
                 remote_regions: rregs,
-                local_dev: local.as_slice().first().map_or(0, |d| d.dev),
+                local_dev,
                 total,
                 wire_descs,
                 state: IDLE.into(),

@@ -95,9 +95,7 @@ pub(crate) fn ipc_export(addr: u64, dev: u32) -> Vec<u8> {
         let h = d
             .ipc_handle(base)
             .map_err(|e| cuda_err("exporting the allocation", e))?;
-        let mut v = h.to_vec();
-        v.extend_from_slice(&base.to_le_bytes());
-        Ok(v)
+        Ok(crate::metadata::ipc_bytes(&h, base))
     };
     // Not exportable: peers stage through the host (and say so when CUDA IPC is asked for).
     export().unwrap_or_default()
@@ -115,19 +113,15 @@ impl IpcMaps {
         let meta = r.meta.regions.iter().find(|m| m.id == rid).ok_or_else(|| {
             peer_err(&r.meta.name, format!("region {rid} is not in its metadata"))
         })?;
-        if meta.ipc.len() != 72 {
-            return Err(peer_err(
-                &r.meta.name,
-                format!("region {rid} has no CUDA IPC handle"),
-            ));
-        }
-        let base = u64::from_le_bytes(meta.ipc[64..72].try_into().expect("8 bytes"));
+        let (handle, base) = meta.ipc_handle().ok_or_else(|| {
+            peer_err(&r.meta.name, format!("region {rid} has no CUDA IPC handle"))
+        })?;
         let mut g = self.0.lock();
         let m = match g.get(&base) {
             Some(m) => m.clone(),
             None => {
                 let m =
-                    Arc::new(IpcMemory::open(dev, &meta.ipc[..64]).map_err(|e| {
+                    Arc::new(IpcMemory::open(dev, handle).map_err(|e| {
                         peer_err(&r.meta.name, format!("mapping its GPU memory: {e}"))
                     })?);
                 g.insert(base, m.clone());

@@ -30,6 +30,28 @@ pub struct RegionMeta {
     pub ipc: Vec<u8>,
 }
 
+/// Bytes of a CUDA IPC handle.
+const IPC_HANDLE: usize = 64;
+
+/// The [`RegionMeta::ipc`] bytes for an allocation's `handle` and start address `base`.
+pub(crate) fn ipc_bytes(handle: &[u8; IPC_HANDLE], base: u64) -> Vec<u8> {
+    let mut v = handle.to_vec();
+    v.extend_from_slice(&base.to_le_bytes());
+    v
+}
+
+impl RegionMeta {
+    /// The CUDA IPC handle of the region's allocation and the allocation's start address, when
+    /// it was exported.
+    pub fn ipc_handle(&self) -> Option<(&[u8], u64)> {
+        if self.ipc.len() != IPC_HANDLE + 8 {
+            return None;
+        }
+        let (handle, base) = self.ipc.split_at(IPC_HANDLE);
+        Some((handle, u64::from_le_bytes(base.try_into().ok()?)))
+    }
+}
+
 /// Decoded metadata of an agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentMetadata {
@@ -132,8 +154,10 @@ impl AgentMetadata {
             let dev = r.u32()?;
             let ucx_rkey = r.bytes()?.to_vec();
             let ipc = r.bytes()?.to_vec();
-            if !ipc.is_empty() && ipc.len() != 72 {
-                return Err(bad("a CUDA IPC handle has 72 bytes"));
+            if !ipc.is_empty() && ipc.len() != IPC_HANDLE + 8 {
+                return Err(bad(
+                    "a CUDA IPC export has 72 bytes (handle, then allocation start)",
+                ));
             }
             if addr.checked_add(len).is_none() {
                 return Err(bad("region wraps the address space"));
