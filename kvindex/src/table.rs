@@ -735,9 +735,12 @@ mod tests {
             t.insert(key, key << 32, &mut occ);
         }
         let stop = Arc::new(AtomicBool::new(false));
+        // The writer goes on until both readers have probed under it (a reader thread may start
+        // late on a busy machine).
+        let total = Arc::new(AtomicU64::new(0));
         let readers: Vec<_> = (0..2)
             .map(|_| {
-                let (t, stop) = (t.clone(), stop.clone());
+                let (t, stop, total) = (t.clone(), stop.clone(), total.clone());
                 std::thread::spawn(move || {
                     let mut checks = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -745,6 +748,7 @@ mod tests {
                             assert_eq!(t.get(key), Some(key << 32), "a staying key is found");
                             checks += 1;
                         }
+                        total.fetch_add(1, Ordering::Relaxed);
                         for key in 20..120u64 {
                             t.for_each(key, |v| {
                                 assert_eq!(v >> 32, key);
@@ -758,7 +762,10 @@ mod tests {
             .collect();
         let mut held: Vec<Option<usize>> = vec![None; 120];
         let mut rng = 99u64;
-        for round in 0..300_000u64 {
+        for round in 0u64.. {
+            if round >= 300_000 && total.load(Ordering::Relaxed) >= 200 {
+                break;
+            }
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
@@ -784,8 +791,11 @@ mod tests {
         // Values encode their key; a reader must never get a value belonging to another key.
         let t = Arc::new(Table::new(256));
         let stop = Arc::new(AtomicBool::new(false));
+        // The writer goes on until the reader has found values under it (the reader thread may
+        // start late on a busy machine).
+        let found = Arc::new(AtomicU64::new(0));
         let reader = {
-            let (t, stop) = (t.clone(), stop.clone());
+            let (t, stop, found) = (t.clone(), stop.clone(), found.clone());
             std::thread::spawn(move || {
                 let mut checks = 0u64;
                 while !stop.load(Ordering::Relaxed) {
@@ -796,12 +806,16 @@ mod tests {
                             true
                         });
                     }
+                    found.store(checks, Ordering::Relaxed);
                 }
                 checks
             })
         };
         let mut occ = Occupancy::default();
-        for round in 0..2000u64 {
+        for round in 0u64.. {
+            if round >= 2000 && found.load(Ordering::Relaxed) >= 1000 {
+                break;
+            }
             for key in 2..150u64 {
                 if let Some(i) = t.find(key, |_| true) {
                     t.remove(i, &mut occ);

@@ -34,6 +34,7 @@ pub struct RegionMeta {
 const IPC_HANDLE: usize = 64;
 
 /// The [`RegionMeta::ipc`] bytes for an allocation's `handle` and start address `base`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn ipc_bytes(handle: &[u8; IPC_HANDLE], base: u64) -> Vec<u8> {
     let mut v = handle.to_vec();
     v.extend_from_slice(&base.to_le_bytes());

@@ -327,11 +327,51 @@ pub struct EngineMatch {
     pub score: f64,
 }
 
+/// `x`'s place in `f64::total_cmp` order, as an unsigned integer.
+fn score_order(x: f64) -> u64 {
+    let b = x.to_bits();
+    // Negative numbers: all bits flipped; positive ones: the sign bit set.
+    if b >> 63 == 1 {
+        !b
+    } else {
+        b | (1 << 63)
+    }
+}
+
+/// The registered engines as readers see them: a slot per engine id, and each engine's place in
+/// name order (a query's ties are broken by name, without comparing names per query).
+struct Directory {
+    list: Vec<Option<Arc<EngineInfo>>>,
+    rank: Vec<u32>,
+}
+
+impl Directory {
+    fn new(list: Vec<Option<Arc<EngineInfo>>>) -> Self {
+        let mut order: Vec<usize> = (0..list.len()).filter(|&i| list[i].is_some()).collect();
+        order.sort_by(|&a, &b| {
+            let name = |i: usize| list[i].as_ref().map(|e| e.name.clone());
+            name(a).cmp(&name(b))
+        });
+        let mut rank = vec![u32::MAX; list.len()];
+        for (r, i) in order.into_iter().enumerate() {
+            rank[i] = r as u32;
+        }
+        Directory { list, rank }
+    }
+}
+
+impl std::ops::Deref for Directory {
+    type Target = [Option<Arc<EngineInfo>>];
+    fn deref(&self) -> &Self::Target {
+        &self.list
+    }
+}
+
 struct Inner {
     config: IndexConfig,
     blocks: ArcSwap<Table>,
     aliases: ArcSwap<Table>,
-    engines: ArcSwap<Vec<Option<Arc<EngineInfo>>>>,
+    engines: ArcSwap<Directory>,
     clock: AtomicU64,
     queries: AtomicU64,
     writer: Mutex<Writer>,
@@ -405,7 +445,7 @@ impl Index {
                 config,
                 blocks: ArcSwap::new(blocks),
                 aliases: ArcSwap::new(aliases),
-                engines: ArcSwap::new(Arc::new(Vec::new())),
+                engines: ArcSwap::new(Arc::new(Directory::new(Vec::new()))),
                 clock: AtomicU64::new(0),
                 queries: AtomicU64::new(0),
                 writer: Mutex::new(writer),
@@ -430,7 +470,7 @@ impl Index {
             None if engines.len() < MAX_ENGINES => engines.len(),
             None => return Err(IndexError::TooManyEngines { limit: MAX_ENGINES }),
         };
-        let mut next: Vec<Option<Arc<EngineInfo>>> = (*engines).clone();
+        let mut next = engines.list.clone();
         if slot == next.len() {
             next.push(None);
         }
@@ -439,7 +479,7 @@ impl Index {
             spec: spec.clone(),
             block_size: AtomicU32::new(0),
         }));
-        self.inner.engines.store(Arc::new(next));
+        self.inner.engines.store(Arc::new(Directory::new(next)));
         if w.counts.len() <= slot {
             w.counts.resize(slot + 1, [0; TIERS]);
         }
@@ -510,9 +550,9 @@ impl Index {
         }
         w.by_spec.remove(&info.spec);
         w.stats.engines = w.by_spec.len();
-        let mut next = (*self.inner.engines.load_full()).clone();
+        let mut next = self.inner.engines.load().list.clone();
         next[id.0 as usize] = None;
-        self.inner.engines.store(Arc::new(next));
+        self.inner.engines.store(Arc::new(Directory::new(next)));
         Ok(())
     }
 
@@ -652,7 +692,26 @@ impl Index {
         let blocks = self.inner.blocks.load();
         let stamp = self.inner.clock.load(Ordering::Relaxed) as u16;
         let n = engines.len();
-        let mut walk = Walk::new(n);
+        thread_local! {
+            static WALK: std::cell::RefCell<Walk> = std::cell::RefCell::new(Walk::new(0));
+        }
+        WALK.with(|w| match w.try_borrow_mut() {
+            Ok(mut walk) => self.query_with(q, &engines, &blocks, stamp, n, &mut walk),
+            // Not reachable (a query does not query), but a fresh scratch is always correct.
+            Err(_) => self.query_with(q, &engines, &blocks, stamp, n, &mut Walk::new(n)),
+        })
+    }
+
+    fn query_with(
+        &self,
+        q: &Query<'_>,
+        engines: &Directory,
+        blocks: &Table,
+        stamp: u16,
+        n: usize,
+        walk: &mut Walk,
+    ) -> Vec<EngineMatch> {
+        walk.reset(n);
         let weights = &self.inner.config.tier_weights;
         let allowed = |i: usize| match q.engines {
             None => true,
@@ -683,7 +742,7 @@ impl Index {
                     let bsz = bs as usize;
                     let mut prev = q.namespace.root_seed();
                     let nblocks = tokens.len() / bsz;
-                    walk_chain(&blocks, &mut walk, weights, stamp, nblocks, |i| {
+                    walk_chain(blocks, walk, weights, stamp, nblocks, |i| {
                         let toks = &tokens[i * bsz..(i + 1) * bsz];
                         let k = if mm.is_empty() {
                             hasher.next(prev, toks)
@@ -699,7 +758,7 @@ impl Index {
                 for (i, e) in engines.iter().enumerate() {
                     walk.allowed[i] = e.is_some() && allowed(i);
                 }
-                walk_chain(&blocks, &mut walk, weights, stamp, keys.len(), |i| {
+                walk_chain(blocks, walk, weights, stamp, keys.len(), |i| {
                     Some(keys[i].0)
                 });
             }
@@ -708,17 +767,27 @@ impl Index {
                     walk.allowed[i] = e.is_some() && allowed(i);
                 }
                 let aliases = self.inner.aliases.load();
-                walk_chain(&blocks, &mut walk, weights, stamp, hashes.len(), |i| {
+                walk_chain(blocks, walk, weights, stamp, hashes.len(), |i| {
                     aliases.get(alias_key(hashes[i]))
                 });
             }
         }
-        let mut out: Vec<EngineMatch> = Vec::new();
+        // Best score first, ties in name order (ranks precomputed with the directory): sorted as
+        // packed integers, then the answers built in that order.
+        let mut order: Vec<u128> = Vec::new();
         for (i, e) in engines.iter().enumerate() {
-            let Some(e) = e else { continue };
-            if walk.matched[i] == 0 {
-                continue;
+            if e.is_some() && walk.matched[i] != 0 {
+                let desc = !score_order(walk.score[i]);
+                order.push(
+                    (u128::from(desc) << 64) | (u128::from(engines.rank[i]) << 32) | i as u128,
+                );
             }
+        }
+        order.sort_unstable();
+        let mut out: Vec<EngineMatch> = Vec::with_capacity(order.len());
+        for o in order {
+            let i = o as u32 as usize;
+            let Some(e) = &engines[i] else { continue };
             let bs = e.block_size().unwrap_or(0);
             out.push(EngineMatch {
                 engine: EngineId(i as u32),
@@ -729,11 +798,6 @@ impl Index {
                 score: walk.score[i],
             });
         }
-        out.sort_unstable_by(|a, b| {
-            b.score
-                .total_cmp(&a.score)
-                .then_with(|| a.name.cmp(&b.name))
-        });
         out
     }
 
@@ -874,7 +938,7 @@ impl Index {
                 w.by_spec.insert(spec, e.slot);
             }
             w.stats.engines = w.by_spec.len();
-            index.inner.engines.store(Arc::new(dir));
+            index.inner.engines.store(Arc::new(Directory::new(dir)));
             let cap = |n: usize| {
                 ((n as f64 / 0.6) as usize).max(index.inner.config.initial_slots.max(64))
             };

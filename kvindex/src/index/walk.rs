@@ -15,19 +15,41 @@ pub(super) struct Walk {
     pub(super) best_since: Vec<[u32; TIERS]>,
     pub(super) score: Vec<f64>,
     pub(super) allowed: Vec<bool>,
+    /// Per group of 32 engines, and the groups still running (kept to reuse their memory).
+    groups: Vec<GroupWalk>,
+    live: Vec<usize>,
 }
 
 impl Walk {
     pub(super) fn new(n: usize) -> Self {
-        Walk {
-            matched: vec![0; n],
-            tiers: vec![[0; TIERS]; n],
-            best: vec![[0; TIERS]; n],
-            since: vec![[0; TIERS]; n],
-            best_since: vec![[0; TIERS]; n],
-            score: vec![0.0; n],
-            allowed: vec![false; n],
+        let mut w = Walk {
+            matched: Vec::new(),
+            tiers: Vec::new(),
+            best: Vec::new(),
+            since: Vec::new(),
+            best_since: Vec::new(),
+            score: Vec::new(),
+            allowed: Vec::new(),
+            groups: Vec::new(),
+            live: Vec::new(),
+        };
+        w.reset(n);
+        w
+    }
+
+    /// Clears the scratch for a query over `n` engine slots, keeping its allocations.
+    pub(super) fn reset(&mut self, n: usize) {
+        fn fill<T: Clone>(v: &mut Vec<T>, n: usize, x: T) {
+            v.clear();
+            v.resize(n, x);
         }
+        fill(&mut self.matched, n, 0);
+        fill(&mut self.tiers, n, [0; TIERS]);
+        fill(&mut self.best, n, [0; TIERS]);
+        fill(&mut self.since, n, [0; TIERS]);
+        fill(&mut self.best_since, n, [0; TIERS]);
+        fill(&mut self.score, n, 0.0);
+        fill(&mut self.allowed, n, false);
     }
 
     /// Group `g`'s holding masks change from `old` to `new` at block `depth`: engines whose bit
@@ -128,8 +150,11 @@ pub(super) fn walk_chain(
     mut key_of: impl FnMut(usize) -> Option<u64>,
 ) {
     let ngroups = walk.matched.len().div_ceil(LANES as usize);
-    let mut groups = vec![GroupWalk::default(); ngroups];
-    let mut live: Vec<usize> = Vec::new();
+    let mut groups = std::mem::take(&mut walk.groups);
+    groups.clear();
+    groups.resize(ngroups, GroupWalk::default());
+    let mut live = std::mem::take(&mut walk.live);
+    live.clear();
     for (g, gw) in groups.iter_mut().enumerate() {
         for lane in 0..LANES as usize {
             if walk
@@ -146,6 +171,8 @@ pub(super) fn walk_chain(
         }
     }
     if live.is_empty() {
+        walk.groups = groups;
+        walk.live = live;
         return;
     }
     // Tiers from the highest weight down: a block scores the weight of its best tier.
@@ -243,6 +270,8 @@ pub(super) fn walk_chain(
             walk.matched[g * LANES as usize + lane as usize] = depth;
         }
     }
+    walk.groups = groups;
+    walk.live = live;
     for e in 0..walk.matched.len() {
         if walk.allowed[e] && walk.matched[e] > 0 {
             walk.score[e] = weights
