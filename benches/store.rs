@@ -258,7 +258,7 @@ fn stamped(buf: &[u8]) -> usize {
 
 fn bench_disk(f: &mut Figures, dir: &Path, quick: bool, fio: bool) {
     let total: usize = if quick { 64 << 20 } else { 512 << 20 };
-    let reps = if quick { 1 } else { 3 };
+    let reps = if quick { 1 } else { 7 };
     let tier_dir = dir.join("kvstore");
     let fio_dir = dir.join("fio");
     for s in sizes() {
