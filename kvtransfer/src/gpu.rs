@@ -132,20 +132,23 @@ impl IpcMaps {
     }
 }
 
-/// Runs a [`crate::Backend::CudaIpc`] transfer on the same-host worker thread.
-pub(crate) fn run_ipc(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
-    crate::shm::same_host(inner, x, |_| copy_ipc(x))
-}
-
-/// Copies an IPC transfer's fragments (see [`run_ipc`]).
-fn copy_ipc(x: &XferShared) -> Result<()> {
-    let r = &x.remote;
+/// A CUDA IPC transfer's copies, worked out when it is prepared: each `(dst, src, len)` in this
+/// process's addresses, the peer's side translated into the mapping of its allocation (mapped
+/// here on first use, into GPU `local_dev`'s context). Posting then only launches the copies.
+pub(crate) fn ipc_pairs(
+    r: &Remote,
+    op: Op,
+    local: &[Seg],
+    remote: &[Seg],
+    regions: &[u32],
+    local_dev: u32,
+) -> Result<Vec<(u64, u64, usize)>> {
     let name = &r.meta.name;
-    let dev = device(x.local_dev)?;
-    let mut pairs = Vec::with_capacity(x.local.len());
+    let dev = device(local_dev)?;
+    let mut pairs = Vec::with_capacity(local.len());
     // The mapping of the region the previous fragment was in (most fragments share one).
     let mut last: Option<(u32, u64, u64)> = None;
-    for ((l, rs), &rid) in x.local.iter().zip(&x.remote_segs).zip(&x.remote_regions) {
+    for ((l, rs), &rid) in local.iter().zip(remote).zip(regions) {
         let (mapped, base) = match last {
             Some((id, m, b)) if id == rid => (m, b),
             _ => {
@@ -164,23 +167,63 @@ fn copy_ipc(x: &XferShared) -> Result<()> {
             ));
         }
         let there = mapped + (rs.addr - base);
-        pairs.push(match x.op {
+        pairs.push(match op {
             Op::Write => (there, l.addr, l.len as usize),
             Op::Read => (l.addr, there, l.len as usize),
         });
     }
+    Ok(pairs)
+}
+
+/// Runs a [`crate::Backend::CudaIpc`] transfer on the same-host worker thread: the copies worked
+/// out at prepare ([`ipc_pairs`]), between the same-host checks of the peer.
+///
+/// With `KVTRANSFER_TRACE_IPC` set in the environment, each transfer prints where its time went
+/// (from post: the worker picking it up, the copies done, the peer checked and notified), for
+/// tuning the per-transfer cost.
+pub(crate) fn run_ipc(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
+    static TRACE: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var_os("KVTRANSFER_TRACE_IPC").is_some());
+    if !*TRACE {
+        return crate::shm::same_host(inner, x, |_| copy_ipc(x));
+    }
+    let posted = (*x.posted_at.lock()).unwrap_or_else(std::time::Instant::now);
+    let start = posted.elapsed();
+    let mut copied = std::time::Duration::ZERO;
+    let r = crate::shm::same_host(inner, x, |_| {
+        let r = copy_ipc(x);
+        copied = posted.elapsed();
+        r
+    });
+    eprintln!(
+        "[kvtransfer ipc] {} fragments, {} bytes: picked up {:?}, copied {:?}, done {:?} after post",
+        x.local.len(),
+        x.total,
+        start,
+        copied,
+        posted.elapsed()
+    );
+    r
+}
+
+/// Copies an IPC transfer's fragments (see [`run_ipc`]).
+fn copy_ipc(x: &XferShared) -> Result<()> {
+    let name = &x.remote.meta.name;
     if x.is_cancelled() {
         return Err(Error::Cancelled);
     }
+    let dev = device(x.local_dev)?;
+    let pairs = &x.ipc_pairs;
     // Many fragments go in one kernel launch (big ones to the copy engines); without NVRTC,
     // one DMA per fragment. Local segments lie in this agent's registered GPU regions (checked
     // at prepare); remote ones in the peer's registered regions as its metadata lists them,
-    // translated into the mapping of their allocation, which the peer keeps while registered.
+    // translated into the mapping of their allocation, which the peer keeps while registered
+    // (and which stays mapped here while the transfer's `Remote` lives).
     let copied = match copy_list(x.local_dev) {
         // SAFETY: as above.
-        Ok(list) => unsafe { list.copy(&pairs) },
+        Ok(list) => unsafe { list.copy(pairs) },
         // SAFETY: as above.
-        Err(_) => unsafe { dev.copy_batch(&pairs) },
+        Err(_) => unsafe { dev.copy_batch(pairs) },
     };
     copied.map_err(|e| peer_err(name, format!("GPU copy: {e}")))
 }

@@ -105,6 +105,10 @@ pub(crate) struct XferShared {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub local_dev: u32,
     pub total: u64,
+    /// CUDA IPC: every copy as `(dst, src, len)` in this process's addresses (see
+    /// `gpu::ipc_pairs`); empty for other backends.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub ipc_pairs: Vec<(u64, u64, usize)>,
     /// The remote segments encoded for the TCP wire (addr, len pairs).
     pub wire_descs: Vec<u8>,
     pub state: AtomicU8,

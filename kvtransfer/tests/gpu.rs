@@ -334,12 +334,19 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
     let seed = rand::rng().next_u64();
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    const B: usize = 64 << 10;
-    let nblocks = IPC_LEN / B;
     // READ random lists of the peer's blocks into random local blocks, then WRITE random data
     // into the peer's second half and READ it back: every byte checked, destinations poisoned.
+    // Blocks of 64 KiB, and of 1 MiB in half the rounds, READs and WRITEs (the copy kernel
+    // cuts fragments longer than 128 KiB into pieces).
     for round in 0..40 {
-        let n = rng.random_range(1..=256);
+        let big = round % 4 >= 2;
+        let (bsz, max_n) = if big {
+            (1usize << 20, 24)
+        } else {
+            (64 << 10, 256)
+        };
+        let nblocks = IPC_LEN / bsz;
+        let n = rng.random_range(1..=max_n);
         let op = if round % 2 == 0 { Op::Read } else { Op::Write };
         // READs take the peer's first half (its pattern), WRITEs go to its second half.
         let half = nblocks / 2;
@@ -353,12 +360,16 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
             }
         }
         let (theirs, ours) = (&their_ids[..n], &mine_ids[..n]);
-        let lens: Vec<usize> = (0..n).map(|_| rng.random_range(1..=B)).collect();
+        let lens: Vec<usize> = (0..n).map(|_| rng.random_range(1..=bsz)).collect();
         let mut l = DescList::new(MemKind::Vram);
         let mut r = DescList::new(MemKind::Vram);
         for i in 0..n {
-            l.push(mine.ptr() + (ours[i] * B) as u64, lens[i] as u64, 0);
-            r.push(peer.base + (theirs[i] * B) as u64, lens[i] as u64, peer.gpu);
+            l.push(mine.ptr() + (ours[i] * bsz) as u64, lens[i] as u64, 0);
+            r.push(
+                peer.base + (theirs[i] * bsz) as u64,
+                lens[i] as u64,
+                peer.gpu,
+            );
         }
         let mut local = vec![POISON; IPC_LEN];
         let mut data = vec![0u8; IPC_LEN];
@@ -385,7 +396,7 @@ fn gpu_to_gpu_between_processes_over_cuda_ipc() {
         mine.read(0, &mut local).unwrap();
         let mut expect = vec![POISON; IPC_LEN];
         for i in 0..n {
-            let (o, t) = (ours[i] * B, theirs[i] * B);
+            let (o, t) = (ours[i] * bsz, theirs[i] * bsz);
             let src = if op == Op::Write {
                 &data[o..o + lens[i]]
             } else {
