@@ -772,6 +772,7 @@ impl Agent {
                 agent: Arc::downgrade(&self.inner),
                 staging,
                 ipc_pairs,
+                ipc_pending: Mutex::new(None),
             }),
         })
     }

@@ -206,9 +206,40 @@ pub(crate) fn run_ipc(inner: &Arc<Inner>, x: &XferShared) -> Result<()> {
     r
 }
 
-/// Copies an IPC transfer's fragments (see [`run_ipc`]).
+/// A CUDA IPC transfer's copies, launched at post and not yet waited for.
+pub(crate) type IpcPending = kvstore_cuda::CopyPending;
+
+/// Launches a CUDA IPC transfer's copies from the posting thread, so the GPU starts at once and
+/// the same-host worker only waits for them (`None` where the list-copy kernel is unavailable:
+/// the worker then copies). The peer must be alive.
+pub(crate) fn launch_ipc(x: &XferShared) -> Result<Option<IpcPending>> {
+    let name = &x.remote.meta.name;
+    if crate::shm::peer_of(&x.remote)?.exited() {
+        return Err(peer_err(name, "process exited"));
+    }
+    let Ok(list) = copy_list(x.local_dev) else {
+        return Ok(None);
+    };
+    // SAFETY: as in `copy_ipc`; the pending copies are waited for (or their handle dropped,
+    // which waits) before the transfer completes.
+    unsafe { list.launch(&x.ipc_pairs) }
+        .map(Some)
+        .map_err(|e| peer_err(name, format!("GPU copy: {e}")))
+}
+
+/// Copies an IPC transfer's fragments (see [`run_ipc`]), or waits for the copies launched at
+/// post.
 fn copy_ipc(x: &XferShared) -> Result<()> {
     let name = &x.remote.meta.name;
+    if let Some(p) = x.ipc_pending.lock().take() {
+        p.wait()
+            .map_err(|e| peer_err(name, format!("GPU copy: {e}")))?;
+        return if x.is_cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        };
+    }
     if x.is_cancelled() {
         return Err(Error::Cancelled);
     }

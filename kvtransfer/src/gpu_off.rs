@@ -16,6 +16,17 @@ pub(crate) fn ipc_export(_addr: u64, _dev: u32) -> Vec<u8> {
 #[derive(Default)]
 pub(crate) struct IpcMaps;
 
+/// Never exists without the `cuda` feature.
+pub(crate) enum IpcPending {}
+
+/// Never chosen without the `cuda` feature (`prepare` refuses it).
+pub(crate) fn launch_ipc(_x: &XferShared) -> Result<Option<IpcPending>> {
+    Err(Error::Unavailable {
+        backend: "cuda_ipc",
+        msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
+    })
+}
+
 /// Never chosen without the `cuda` feature (`prepare` refuses it).
 pub(crate) fn run_ipc(_inner: &Arc<Inner>, _x: &XferShared) -> Result<()> {
     Err(Error::Unavailable {

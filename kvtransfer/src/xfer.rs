@@ -109,6 +109,9 @@ pub(crate) struct XferShared {
     /// `gpu::ipc_pairs`); empty for other backends.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub ipc_pairs: Vec<(u64, u64, usize)>,
+    /// CUDA IPC: the copies launched by the current post, for the worker to wait for.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub ipc_pending: Mutex<Option<crate::gpu::IpcPending>>,
     /// The remote segments encoded for the TCP wire (addr, len pairs).
     pub wire_descs: Vec<u8>,
     pub state: AtomicU8,
@@ -233,7 +236,23 @@ impl XferHandle {
                 return Err(e);
             }
         }
+        // CUDA IPC: the copies start here; the same-host worker waits for them, checks the peer
+        // and sends the notification.
+        if st.backend == Backend::CudaIpc {
+            match crate::gpu::launch_ipc(st) {
+                Ok(p) => *st.ipc_pending.lock() = p,
+                Err(e) => {
+                    st.complete(Err(e.clone()));
+                    return Err(e);
+                }
+            }
+        }
         if let Err(e) = agent.submit(&self.st) {
+            // Copies already launched must end before the caller may reuse the memory.
+            #[cfg(feature = "cuda")]
+            if let Some(p) = st.ipc_pending.lock().take() {
+                let _ = p.wait();
+            }
             st.complete(Err(e.clone()));
             return Err(e);
         }

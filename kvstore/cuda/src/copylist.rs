@@ -60,14 +60,59 @@ pub const DMA_FROM: usize = 16 << 20;
 const PIECE: usize = 128 << 10;
 const THREADS: u32 = 256;
 
-/// The list-copy kernel of one GPU, with its stream and a reusable item buffer.
+/// The list-copy kernel of one GPU, with its stream and a few reusable item buffers (one per
+/// launch still in flight).
 pub struct CopyList {
     device: Arc<Device>,
     module: sys::CUmodule,
     function: sys::CUfunction,
     stream: sys::CUstream,
-    items: Mutex<Option<PinnedBuffer>>,
+    slots: Mutex<Vec<Slot>>,
     ctas: u32,
+}
+
+/// An item buffer and the event recorded after the last launch that read it: free once that
+/// event has completed.
+struct Slot {
+    items: Option<PinnedBuffer>,
+    done: sys::CUevent,
+}
+
+/// Item buffers kept for launches in flight; a launch waits for the oldest when all are busy.
+const SLOTS: usize = 4;
+
+/// A launched list copy ([`CopyList::launch`]). [`CopyPending::wait`] returns once every copy is
+/// done; dropping it waits too, so the memory it copies is never released under it.
+pub struct CopyPending {
+    list: Arc<CopyList>,
+    done: sys::CUevent,
+    waited: bool,
+}
+
+// SAFETY: an event handle may be waited on from any thread with the context bound.
+unsafe impl Send for CopyPending {}
+
+impl CopyPending {
+    /// Waits until the copies are done.
+    pub fn wait(mut self) -> Result<()> {
+        self.waited = true;
+        self.list.device.bind()?;
+        // SAFETY: the event lives as long as the list, which `self` keeps alive. If its slot
+        // was reused meanwhile, the event marks a later launch on the same stream, which
+        // completes after this one.
+        check("cuEventSynchronize", unsafe {
+            sys::cuEventSynchronize(self.done)
+        })
+    }
+}
+
+impl Drop for CopyPending {
+    fn drop(&mut self) {
+        if !self.waited && self.list.device.bind().is_ok() {
+            // SAFETY: as in `wait`.
+            unsafe { sys::cuEventSynchronize(self.done) };
+        }
+    }
 }
 
 // SAFETY: the handles may be used from any thread once the context is bound; copies are
@@ -109,7 +154,7 @@ impl CopyList {
             module,
             function,
             stream,
-            items: Mutex::new(None),
+            slots: Mutex::new(Vec::new()),
             ctas: device.multiprocessors()? * 4,
         })
     }
@@ -117,10 +162,20 @@ impl CopyList {
     /// Copies every `(dst, src, len)` and waits until all are done.
     ///
     /// # Safety
+    /// As for [`CopyList::launch`].
+    pub unsafe fn copy(self: &Arc<Self>, pairs: &[(u64, u64, usize)]) -> Result<()> {
+        // SAFETY: the caller's contract.
+        unsafe { self.launch(pairs) }?.wait()
+    }
+
+    /// Starts copying every `(dst, src, len)` on this list's stream and returns without
+    /// waiting: fragments of [`DMA_FROM`] bytes or more by DMA, the rest in one kernel launch.
+    ///
+    /// # Safety
     /// Every `src` must be valid for `len` bytes of reads and every `dst` for `len` bytes of
-    /// writes that nothing else uses meanwhile, all reachable from this GPU.
-    pub unsafe fn copy(&self, pairs: &[(u64, u64, usize)]) -> Result<()> {
-        let mut items = self.items.lock().unwrap_or_else(|p| p.into_inner());
+    /// writes that nothing else uses until the returned [`CopyPending`] has been waited for (or
+    /// dropped), all reachable from this GPU.
+    pub unsafe fn launch(self: &Arc<Self>, pairs: &[(u64, u64, usize)]) -> Result<CopyPending> {
         self.device.bind()?;
         let mut small: Vec<(u64, u64, usize)> = Vec::with_capacity(pairs.len());
         for &(dst, src, len) in pairs.iter().filter(|p| p.2 > 0 && p.2 < DMA_FROM) {
@@ -131,68 +186,132 @@ impl CopyList {
                 off += n;
             }
         }
-        let run = |items: &mut Option<PinnedBuffer>| -> Result<()> {
-            for &(dst, src, len) in pairs.iter().filter(|p| p.2 >= DMA_FROM) {
-                // SAFETY: the caller's contract; the stream is live.
-                check("cuMemcpyAsync", unsafe {
-                    sys::cuMemcpyAsync(dst, src, len, self.stream)
-                })?;
-            }
-            if !small.is_empty() {
-                let need = small.len() * 24;
-                if items.as_ref().is_none_or(|b| b.len() < need) {
-                    *items = Some(PinnedBuffer::alloc(&self.device, need.next_power_of_two())?);
-                }
-                let buf = items.as_mut().expect("allocated");
-                let words = buf.as_mut_slice();
-                for (i, &(dst, src, len)) in small.iter().enumerate() {
-                    words[i * 24..i * 24 + 8].copy_from_slice(&dst.to_le_bytes());
-                    words[i * 24 + 8..i * 24 + 16].copy_from_slice(&src.to_le_bytes());
-                    words[i * 24 + 16..i * 24 + 24].copy_from_slice(&(len as u64).to_le_bytes());
-                }
-                let mut list = buf.addr();
-                let mut n = small.len() as u32;
-                let mut args = [
-                    &mut list as *mut u64 as *mut c_void,
-                    &mut n as *mut u32 as *mut c_void,
-                ];
-                let grid = n.min(self.ctas).max(1);
-                // SAFETY: the kernel takes (const u64*, unsigned); the list lies in mapped pinned
-                // memory the GPU reads (unified addressing), and stays untouched until the stream
-                // is synchronised below.
-                check("cuLaunchKernel", unsafe {
-                    sys::cuLaunchKernel(
-                        self.function,
-                        grid,
-                        1,
-                        1,
-                        THREADS,
-                        1,
-                        1,
-                        0,
-                        self.stream,
-                        args.as_mut_ptr(),
-                        std::ptr::null_mut(),
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        // A slot whose last launch has finished, a new one, or else the oldest (waited for).
+        let free = slots.iter().position(|s| {
+            // SAFETY: the slots' events are live while the list is.
+            (unsafe { sys::cuEventQuery(s.done) }) == sys::CUresult::CUDA_SUCCESS
+        });
+        let i = match free {
+            Some(i) => i,
+            None if slots.len() < SLOTS => {
+                let mut done = std::ptr::null_mut();
+                // SAFETY: a valid out-pointer; destroyed in Drop.
+                check("cuEventCreate", unsafe {
+                    sys::cuEventCreate(
+                        &mut done,
+                        sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
                     )
                 })?;
+                slots.push(Slot { items: None, done });
+                slots.len() - 1
             }
-            Ok(())
+            None => {
+                // SAFETY: as above.
+                check("cuEventSynchronize", unsafe {
+                    sys::cuEventSynchronize(slots[0].done)
+                })?;
+                0
+            }
         };
-        let r = run(&mut items);
-        // Always wait, so that no copy still runs (or reads the item list) once this returns.
-        // SAFETY: the stream is live.
-        let w = check("cuStreamSynchronize", unsafe {
-            sys::cuStreamSynchronize(self.stream)
+        let slot = &mut slots[i];
+        let mut launched = false;
+        for &(dst, src, len) in pairs.iter().filter(|p| p.2 >= DMA_FROM) {
+            // SAFETY: the caller's contract; the stream is live.
+            let r = check("cuMemcpyAsync", unsafe {
+                sys::cuMemcpyAsync(dst, src, len, self.stream)
+            });
+            if let Err(e) = r {
+                // Copies already queued still read and write the caller's memory.
+                return Err(self.after_failure(launched, e));
+            }
+            launched = true;
+        }
+        if !small.is_empty() {
+            let need = small.len() * 24;
+            if slot.items.as_ref().is_none_or(|b| b.len() < need) {
+                slot.items = None;
+                match PinnedBuffer::alloc(&self.device, need.next_power_of_two()) {
+                    Ok(b) => slot.items = Some(b),
+                    Err(e) => return Err(self.after_failure(launched, e)),
+                }
+            }
+            let buf = slot.items.as_mut().expect("allocated");
+            let words = buf.as_mut_slice();
+            for (i, &(dst, src, len)) in small.iter().enumerate() {
+                words[i * 24..i * 24 + 8].copy_from_slice(&dst.to_le_bytes());
+                words[i * 24 + 8..i * 24 + 16].copy_from_slice(&src.to_le_bytes());
+                words[i * 24 + 16..i * 24 + 24].copy_from_slice(&(len as u64).to_le_bytes());
+            }
+            let mut list = buf.addr();
+            let mut n = small.len() as u32;
+            let mut args = [
+                &mut list as *mut u64 as *mut c_void,
+                &mut n as *mut u32 as *mut c_void,
+            ];
+            let grid = n.min(self.ctas).max(1);
+            // SAFETY: the kernel takes (const u64*, unsigned); the list lies in mapped pinned
+            // memory the GPU reads (unified addressing), untouched until the slot's event,
+            // recorded below, has completed.
+            let r = check("cuLaunchKernel", unsafe {
+                sys::cuLaunchKernel(
+                    self.function,
+                    grid,
+                    1,
+                    1,
+                    THREADS,
+                    1,
+                    1,
+                    0,
+                    self.stream,
+                    args.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            });
+            if let Err(e) = r {
+                return Err(self.after_failure(launched, e));
+            }
+        }
+        // SAFETY: the event and the stream are live.
+        let r = check("cuEventRecord", unsafe {
+            sys::cuEventRecord(slot.done, self.stream)
         });
-        r.and(w)
+        if let Err(e) = r {
+            return Err(self.after_failure(true, e));
+        }
+        Ok(CopyPending {
+            list: self.clone(),
+            done: slot.done,
+            waited: false,
+        })
+    }
+
+    /// A launch failed part-way: waits for whatever it had queued (so nothing still runs on
+    /// the caller's memory or reads the slot's items), then returns `e`.
+    fn after_failure(&self, launched: bool, e: crate::error::CudaError) -> crate::error::CudaError {
+        if launched {
+            // SAFETY: the stream is live.
+            unsafe { sys::cuStreamSynchronize(self.stream) };
+        }
+        e
     }
 }
 
 impl Drop for CopyList {
     fn drop(&mut self) {
         if self.device.bind().is_ok() {
-            // SAFETY: created in `new`, released once.
+            // SAFETY: created in `new` (events in `launch`), released once; no `CopyPending` is
+            // left (each holds the list).
             unsafe {
+                sys::cuStreamSynchronize(self.stream);
+                for s in self
+                    .slots
+                    .get_mut()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .drain(..)
+                {
+                    sys::cuEventDestroy_v2(s.done);
+                }
                 sys::cuStreamDestroy_v2(self.stream);
                 sys::cuModuleUnload(self.module);
             }

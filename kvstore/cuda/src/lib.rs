@@ -35,7 +35,7 @@ mod error;
 pub mod layout;
 mod nvrtc;
 
-pub use copylist::{CopyList, DMA_FROM};
+pub use copylist::{CopyList, CopyPending, DMA_FROM};
 pub use driver::{driver_present, Device, DeviceBuffer, IpcMemory, PinnedBuffer};
 pub use engine::{CopyPath, Engine, EngineConfig, KvCache, Transfer};
 pub use error::{CudaError, ErrorKind, Result};
