@@ -325,34 +325,25 @@ fn main() {
         let mut hash_only = |toks: &[u32]| -> usize { h.chain(&ns, toks, BS).len() };
         let hashing = time_queries(&long, &mut hash_only);
         let keys: Vec<Vec<kvindex::BlockKey>> = long.iter().map(|t| h.chain(&ns, t, BS)).collect();
-        let mut next = 0usize;
-        let mut by_keys = |_: &[u32]| -> usize {
-            let k = &keys[next % keys.len().max(1)];
-            next += 1;
-            index
-                .query(&Query {
-                    namespace: &ns,
-                    blocks: QueryBlocks::Keys(k),
-                    engines: None,
-                })
-                .len()
+        // The walk given each prompt's keys, at most `cut` of them (`usize::MAX`: all; 1: the
+        // part of a query that does not depend on its length).
+        let by_keys = |cut: usize| {
+            let mut next = 0usize;
+            let mut q = |_: &[u32]| -> usize {
+                let k = &keys[next % keys.len().max(1)];
+                next += 1;
+                index
+                    .query(&Query {
+                        namespace: &ns,
+                        blocks: QueryBlocks::Keys(&k[..k.len().min(cut)]),
+                        engines: None,
+                    })
+                    .len()
+            };
+            time_queries(&long, &mut q)
         };
-        let walk = time_queries(&long, &mut by_keys);
-        // The part of a query that does not depend on its length: the same prompts cut to
-        // their first block.
-        let mut next1 = 0usize;
-        let mut first_block = |_: &[u32]| -> usize {
-            let k = &keys[next1 % keys.len().max(1)];
-            next1 += 1;
-            index
-                .query(&Query {
-                    namespace: &ns,
-                    blocks: QueryBlocks::Keys(&k[..k.len().min(1)]),
-                    engines: None,
-                })
-                .len()
-        };
-        let fixed = time_queries(&long, &mut first_block);
+        let walk = by_keys(usize::MAX);
+        let fixed = by_keys(1);
         eprintln!(
             "[index] 8k prompts: hashing alone p50 {:.2} us, walk given the keys p50 {:.2} us p99 {:.2} us, first block alone p50 {:.2} us",
             hashing.p50, walk.p50, walk.p99, fixed.p50

@@ -739,14 +739,11 @@ impl Agent {
         let staging = None;
         // CUDA IPC: the peer's allocations are mapped and every copy worked out now, so that a
         // post only launches them.
-        #[cfg(feature = "cuda")]
         let ipc_pairs = if backend == Backend::CudaIpc {
             crate::gpu::ipc_pairs(&r, op, &lsegs, &rsegs, &rregs, local_dev)?
         } else {
             Vec::new()
         };
-        #[cfg(not(feature = "cuda"))]
-        let ipc_pairs = Vec::new();
         Ok(XferHandle {
             st: Arc::new(XferShared {
                 op,

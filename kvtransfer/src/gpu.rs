@@ -220,43 +220,39 @@ pub(crate) fn launch_ipc(x: &XferShared) -> Result<Option<IpcPending>> {
     let Ok(list) = copy_list(x.local_dev) else {
         return Ok(None);
     };
-    // SAFETY: as in `copy_ipc`; the pending copies are waited for (or their handle dropped,
-    // which waits) before the transfer completes.
+    // SAFETY: local segments lie in this agent's registered GPU regions (checked at prepare);
+    // remote ones in the peer's registered regions as its metadata lists them, translated into
+    // the mapping of their allocation, which the peer keeps while registered and which stays
+    // mapped here while the transfer's `Remote` lives. The copies are waited for (or their
+    // handle dropped, which waits) before the transfer completes.
     unsafe { list.launch(&x.ipc_pairs) }
         .map(Some)
         .map_err(|e| peer_err(name, format!("GPU copy: {e}")))
 }
 
-/// Copies an IPC transfer's fragments (see [`run_ipc`]), or waits for the copies launched at
-/// post.
+/// Waits for the copies a post launched, for a transfer that will not reach the worker.
+pub(crate) fn abandon_ipc(x: &XferShared) {
+    if let Some(p) = x.ipc_pending.lock().take() {
+        let _ = p.wait();
+    }
+}
+
+/// Finishes an IPC transfer's copies on the worker (see [`run_ipc`]): waits for those launched
+/// at post or, where the list-copy kernel is unavailable, copies one DMA per fragment.
 fn copy_ipc(x: &XferShared) -> Result<()> {
     let name = &x.remote.meta.name;
-    if let Some(p) = x.ipc_pending.lock().take() {
-        p.wait()
-            .map_err(|e| peer_err(name, format!("GPU copy: {e}")))?;
-        return if x.is_cancelled() {
-            Err(Error::Cancelled)
-        } else {
-            Ok(())
-        };
-    }
+    let pending = x.ipc_pending.lock().take();
+    let copied = match pending {
+        Some(p) => p.wait(),
+        None if x.is_cancelled() => return Err(Error::Cancelled),
+        // SAFETY: as for `launch_ipc`.
+        None => unsafe { device(x.local_dev)?.copy_batch(&x.ipc_pairs) },
+    };
+    copied.map_err(|e| peer_err(name, format!("GPU copy: {e}")))?;
     if x.is_cancelled() {
         return Err(Error::Cancelled);
     }
-    let dev = device(x.local_dev)?;
-    let pairs = &x.ipc_pairs;
-    // Many fragments go in one kernel launch (big ones to the copy engines); without NVRTC,
-    // one DMA per fragment. Local segments lie in this agent's registered GPU regions (checked
-    // at prepare); remote ones in the peer's registered regions as its metadata lists them,
-    // translated into the mapping of their allocation, which the peer keeps while registered
-    // (and which stays mapped here while the transfer's `Remote` lives).
-    let copied = match copy_list(x.local_dev) {
-        // SAFETY: as above.
-        Ok(list) => unsafe { list.copy(pairs) },
-        // SAFETY: as above.
-        Err(_) => unsafe { dev.copy_batch(pairs) },
-    };
-    copied.map_err(|e| peer_err(name, format!("GPU copy: {e}")))
+    Ok(())
 }
 
 /// One piece of a staged transfer: memory of `kind` on `dev` at `addr`, and its place in the

@@ -19,6 +19,24 @@ pub(crate) struct IpcMaps;
 /// Never exists without the `cuda` feature.
 pub(crate) enum IpcPending {}
 
+/// Nothing is ever launched without the `cuda` feature.
+pub(crate) fn abandon_ipc(_x: &XferShared) {}
+
+/// Never chosen without the `cuda` feature (`prepare` refuses it).
+pub(crate) fn ipc_pairs(
+    _r: &crate::agent::Remote,
+    _op: crate::xfer::Op,
+    _local: &[Seg],
+    _remote: &[Seg],
+    _regions: &[u32],
+    _local_dev: u32,
+) -> Result<Vec<(u64, u64, usize)>> {
+    Err(Error::Unavailable {
+        backend: "cuda_ipc",
+        msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
+    })
+}
+
 /// Never chosen without the `cuda` feature (`prepare` refuses it).
 pub(crate) fn launch_ipc(_x: &XferShared) -> Result<Option<IpcPending>> {
     Err(Error::Unavailable {

@@ -249,10 +249,7 @@ impl XferHandle {
         }
         if let Err(e) = agent.submit(&self.st) {
             // Copies already launched must end before the caller may reuse the memory.
-            #[cfg(feature = "cuda")]
-            if let Some(p) = st.ipc_pending.lock().take() {
-                let _ = p.wait();
-            }
+            crate::gpu::abandon_ipc(st);
             st.complete(Err(e.clone()));
             return Err(e);
         }

@@ -347,13 +347,14 @@ struct Directory {
 
 impl Directory {
     fn new(list: Vec<Option<Arc<EngineInfo>>>) -> Self {
-        let mut order: Vec<usize> = (0..list.len()).filter(|&i| list[i].is_some()).collect();
-        order.sort_by(|&a, &b| {
-            let name = |i: usize| list[i].as_ref().map(|e| e.name.clone());
-            name(a).cmp(&name(b))
-        });
+        let mut order: Vec<(&str, usize)> = list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|e| (&*e.name, i)))
+            .collect();
+        order.sort_unstable();
         let mut rank = vec![u32::MAX; list.len()];
-        for (r, i) in order.into_iter().enumerate() {
+        for (r, (_, i)) in order.into_iter().enumerate() {
             rank[i] = r as u32;
         }
         Directory { list, rank }
@@ -693,13 +694,10 @@ impl Index {
         let stamp = self.inner.clock.load(Ordering::Relaxed) as u16;
         let n = engines.len();
         thread_local! {
-            static WALK: std::cell::RefCell<Walk> = std::cell::RefCell::new(Walk::new(0));
+            static WALK: std::cell::RefCell<Walk> = std::cell::RefCell::new(Walk::default());
         }
-        WALK.with(|w| match w.try_borrow_mut() {
-            Ok(mut walk) => self.query_with(q, &engines, &blocks, stamp, n, &mut walk),
-            // Not reachable (a query does not query), but a fresh scratch is always correct.
-            Err(_) => self.query_with(q, &engines, &blocks, stamp, n, &mut Walk::new(n)),
-        })
+        // A query never queries again while it runs, so the scratch is never borrowed twice.
+        WALK.with_borrow_mut(|walk| self.query_with(q, &engines, &blocks, stamp, n, walk))
     }
 
     fn query_with(

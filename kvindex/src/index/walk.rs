@@ -4,7 +4,8 @@
 use super::*;
 use crate::table::Hits;
 
-/// Per query scratch, sized to the engine slots.
+/// Per query scratch, sized to the engine slots by [`Walk::reset`].
+#[derive(Default)]
 pub(super) struct Walk {
     pub(super) matched: Vec<u32>,
     pub(super) tiers: Vec<[u32; TIERS]>,
@@ -21,22 +22,6 @@ pub(super) struct Walk {
 }
 
 impl Walk {
-    pub(super) fn new(n: usize) -> Self {
-        let mut w = Walk {
-            matched: Vec::new(),
-            tiers: Vec::new(),
-            best: Vec::new(),
-            since: Vec::new(),
-            best_since: Vec::new(),
-            score: Vec::new(),
-            allowed: Vec::new(),
-            groups: Vec::new(),
-            live: Vec::new(),
-        };
-        w.reset(n);
-        w
-    }
-
     /// Clears the scratch for a query over `n` engine slots, keeping its allocations.
     pub(super) fn reset(&mut self, n: usize) {
         fn fill<T: Clone>(v: &mut Vec<T>, n: usize, x: T) {

@@ -115,8 +115,9 @@ impl Drop for CopyPending {
     }
 }
 
-// SAFETY: the handles may be used from any thread once the context is bound; copies are
-// serialised by the item buffer's lock.
+// SAFETY: the handles may be used from any thread once the context is bound; launches are
+// serialised by the slots' lock, and a slot's items are rewritten only once its event says the
+// launch that read them is done.
 unsafe impl Send for CopyList {}
 // SAFETY: as above.
 unsafe impl Sync for CopyList {}
@@ -159,15 +160,6 @@ impl CopyList {
         })
     }
 
-    /// Copies every `(dst, src, len)` and waits until all are done.
-    ///
-    /// # Safety
-    /// As for [`CopyList::launch`].
-    pub unsafe fn copy(self: &Arc<Self>, pairs: &[(u64, u64, usize)]) -> Result<()> {
-        // SAFETY: the caller's contract.
-        unsafe { self.launch(pairs) }?.wait()
-    }
-
     /// Starts copying every `(dst, src, len)` on this list's stream and returns without
     /// waiting: fragments of [`DMA_FROM`] bytes or more by DMA, the rest in one kernel launch.
     ///
@@ -187,7 +179,7 @@ impl CopyList {
             }
         }
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        // A slot whose last launch has finished, a new one, or else the oldest (waited for).
+        // A slot whose last launch has finished, a new one, or else the first (waited for).
         let free = slots.iter().position(|s| {
             // SAFETY: the slots' events are live while the list is.
             (unsafe { sys::cuEventQuery(s.done) }) == sys::CUresult::CUDA_SUCCESS
@@ -195,14 +187,8 @@ impl CopyList {
         let i = match free {
             Some(i) => i,
             None if slots.len() < SLOTS => {
-                let mut done = std::ptr::null_mut();
-                // SAFETY: a valid out-pointer; destroyed in Drop.
-                check("cuEventCreate", unsafe {
-                    sys::cuEventCreate(
-                        &mut done,
-                        sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32,
-                    )
-                })?;
+                // Destroyed in Drop.
+                let done = self.device.new_event()?;
                 slots.push(Slot { items: None, done });
                 slots.len() - 1
             }
@@ -215,17 +201,14 @@ impl CopyList {
             }
         };
         let slot = &mut slots[i];
-        let mut launched = false;
         for &(dst, src, len) in pairs.iter().filter(|p| p.2 >= DMA_FROM) {
             // SAFETY: the caller's contract; the stream is live.
             let r = check("cuMemcpyAsync", unsafe {
                 sys::cuMemcpyAsync(dst, src, len, self.stream)
             });
             if let Err(e) = r {
-                // Copies already queued still read and write the caller's memory.
-                return Err(self.after_failure(launched, e));
+                return Err(self.after_failure(e));
             }
-            launched = true;
         }
         if !small.is_empty() {
             let need = small.len() * 24;
@@ -233,7 +216,7 @@ impl CopyList {
                 slot.items = None;
                 match PinnedBuffer::alloc(&self.device, need.next_power_of_two()) {
                     Ok(b) => slot.items = Some(b),
-                    Err(e) => return Err(self.after_failure(launched, e)),
+                    Err(e) => return Err(self.after_failure(e)),
                 }
             }
             let buf = slot.items.as_mut().expect("allocated");
@@ -269,7 +252,7 @@ impl CopyList {
                 )
             });
             if let Err(e) = r {
-                return Err(self.after_failure(launched, e));
+                return Err(self.after_failure(e));
             }
         }
         // SAFETY: the event and the stream are live.
@@ -277,7 +260,7 @@ impl CopyList {
             sys::cuEventRecord(slot.done, self.stream)
         });
         if let Err(e) = r {
-            return Err(self.after_failure(true, e));
+            return Err(self.after_failure(e));
         }
         Ok(CopyPending {
             list: self.clone(),
@@ -286,13 +269,11 @@ impl CopyList {
         })
     }
 
-    /// A launch failed part-way: waits for whatever it had queued (so nothing still runs on
-    /// the caller's memory or reads the slot's items), then returns `e`.
-    fn after_failure(&self, launched: bool, e: crate::error::CudaError) -> crate::error::CudaError {
-        if launched {
-            // SAFETY: the stream is live.
-            unsafe { sys::cuStreamSynchronize(self.stream) };
-        }
+    /// A launch failed part-way: waits for whatever was queued (so nothing still runs on the
+    /// caller's memory or reads the slot's items), then returns `e`.
+    fn after_failure(&self, e: crate::error::CudaError) -> crate::error::CudaError {
+        // SAFETY: the stream is live.
+        unsafe { sys::cuStreamSynchronize(self.stream) };
         e
     }
 }

@@ -227,6 +227,18 @@ impl Device {
         r
     }
 
+    /// A new event without timing in this device's context; the caller destroys it
+    /// (`cuEventDestroy`).
+    pub(crate) fn new_event(&self) -> Result<sys::CUevent> {
+        self.bind()?;
+        let mut e = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the context is current.
+        check("cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+        })?;
+        Ok(e)
+    }
+
     /// A new stream of this device that does not wait for the legacy default stream; the caller
     /// destroys it (`cuStreamDestroy`).
     pub(crate) fn new_stream(&self) -> Result<sys::CUstream> {

@@ -243,15 +243,6 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn new_event() -> Result<sys::CUevent> {
-    let mut e = std::ptr::null_mut();
-    // SAFETY: valid out-pointer; destroyed by the owner.
-    check("cuEventCreate", unsafe {
-        sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-    })?;
-    Ok(e)
-}
-
 impl Lane {
     fn new(device: &Arc<Device>) -> Result<Lane> {
         // Destroyed in Engine::drop.
@@ -261,7 +252,7 @@ impl Lane {
             state: Mutex::new(LaneState {
                 staging: PinnedBuffer::alloc(device, 64 << 10)?,
                 descriptors: DeviceBuffer::alloc(device, 64 << 10)?,
-                upload_done: new_event()?,
+                upload_done: device.new_event()?,
                 seen: Vec::new(),
                 dsts: Vec::new(),
                 srcs: Vec::new(),
@@ -396,7 +387,7 @@ impl Engine {
     /// `torch.cuda.current_stream().cuda_stream`), or null for the legacy default stream.
     pub unsafe fn order_after(&self, stream: *mut c_void) -> Result<()> {
         self.device.bind()?;
-        let ev = new_event()?;
+        let ev = self.device.new_event()?;
         // SAFETY: the caller vouches for `stream`; `ev` is ours and destroyed below (the driver
         // keeps what the waits need).
         let r = unsafe {
@@ -579,7 +570,7 @@ impl Engine {
             }
         }
         drop(st);
-        let event = new_event()?;
+        let event = self.device.new_event()?;
         // SAFETY: our event and stream.
         let rc = check("cuEventRecord", unsafe {
             sys::cuEventRecord(event, lane.stream)
