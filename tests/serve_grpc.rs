@@ -14,15 +14,17 @@ use kvmesh::client::{ClientError, GrpcIndexClient, IndexClient, NewEngine, Score
 /// A publisher with blocks 1, 2, 3 (48 tokens: 0..48) stored, and a daemon subscribed to it.
 fn setup(extra: &[&str]) -> (EventPublisher, Killed, u16, u16) {
     let ctx = zmq::Context::new();
-    let (pub_port, replay_port, http, grpc) = (free_port(), free_port(), free_port(), free_port());
+    let (http, grpc) = (free_port(), free_port());
     let publ = EventPublisher::start(
         &ctx,
         PublisherConfig {
-            replay_endpoint: Some(format!("tcp://127.0.0.1:{replay_port}")),
-            ..PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}"))
+            replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+            ..PublisherConfig::new("tcp://127.0.0.1:0")
         },
     )
     .expect("publisher");
+    // The publisher binds ports of its own choosing (no race with other tests for them).
+    let pub_ep = publ.endpoint().to_string();
     let server = Killed(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
             .args(["serve", "--model", "m", "--max-request-bytes", "65536"])
@@ -30,7 +32,8 @@ fn setup(extra: &[&str]) -> (EventPublisher, Killed, u16, u16) {
             .args(["--grpc-listen", &format!("127.0.0.1:{grpc}")])
             .arg("--engine")
             .arg(format!(
-                "e1=tcp://127.0.0.1:{pub_port},replay=tcp://127.0.0.1:{replay_port}"
+                "e1={pub_ep},replay={}",
+                publ.replay_endpoint().expect("replay endpoint")
             ))
             .args(extra)
             .stdout(Stdio::null())

@@ -51,15 +51,17 @@ fn wait_healthy(base: &str) {
 #[test]
 fn serve_http_api() {
     let ctx = zmq::Context::new();
-    let (pub_port, replay_port, http) = (free_port(), free_port(), free_port());
+    let http = free_port();
     let publ = EventPublisher::start(
         &ctx,
         PublisherConfig {
-            replay_endpoint: Some(format!("tcp://127.0.0.1:{replay_port}")),
-            ..PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}"))
+            replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+            ..PublisherConfig::new("tcp://127.0.0.1:0")
         },
     )
     .expect("publisher");
+    // The publisher binds ports of its own choosing (no race with other tests for them).
+    let pub_ep = publ.endpoint().to_string();
     let base = format!("http://127.0.0.1:{http}");
     let _server = Killed(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
@@ -74,7 +76,8 @@ fn serve_http_api() {
             .args(["--max-request-bytes", "65536"])
             .arg("--engine")
             .arg(format!(
-                "e1=tcp://127.0.0.1:{pub_port},replay=tcp://127.0.0.1:{replay_port}"
+                "e1={pub_ep},replay={}",
+                publ.replay_endpoint().expect("replay endpoint")
             ))
             .stdout(Stdio::null())
             .spawn()
@@ -249,12 +252,10 @@ fn print_config_merges_file_env_and_flags() {
 fn replicas_share_an_index_on_redis() {
     let redis = common::RedisServer::start();
     let ctx = zmq::Context::new();
-    let pub_port = free_port();
-    let publ = EventPublisher::start(
-        &ctx,
-        PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}")),
-    )
-    .expect("publisher");
+    let publ =
+        EventPublisher::start(&ctx, PublisherConfig::new("tcp://127.0.0.1:0")).expect("publisher");
+    // The publisher binds ports of its own choosing (no race with other tests for them).
+    let pub_ep = publ.endpoint().to_string();
     let start = |http: u16, engine: bool| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmesh"));
         cmd.env("KVMESH_GRPC_LISTEN", "off");
@@ -268,8 +269,7 @@ fn replicas_share_an_index_on_redis() {
         .args(["--redis", &redis.url(), "--redis-prefix", "shared"])
         .stdout(Stdio::null());
         if engine {
-            cmd.arg("--engine")
-                .arg(format!("e1=tcp://127.0.0.1:{pub_port}"));
+            cmd.arg("--engine").arg(format!("e1={pub_ep}"));
         }
         Killed(cmd.spawn().expect("kvmesh serve starts"))
     };
@@ -301,15 +301,16 @@ fn replicas_share_an_index_on_redis() {
 #[test]
 fn restarted_daemon_answers_from_its_snapshot_then_catches_up() {
     let ctx = zmq::Context::new();
-    let (pub_port, replay_port) = (free_port(), free_port());
     let publ = EventPublisher::start(
         &ctx,
         PublisherConfig {
-            replay_endpoint: Some(format!("tcp://127.0.0.1:{replay_port}")),
-            ..PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}"))
+            replay_endpoint: Some("tcp://127.0.0.1:0".into()),
+            ..PublisherConfig::new("tcp://127.0.0.1:0")
         },
     )
     .expect("publisher");
+    // The publisher binds ports of its own choosing (no race with other tests for them).
+    let pub_ep = publ.endpoint().to_string();
     let dir = std::env::temp_dir().join(format!("kvmesh-snap-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let snap = dir.join("index.snap");
@@ -328,7 +329,8 @@ fn restarted_daemon_answers_from_its_snapshot_then_catches_up() {
                 .arg(&snap)
                 .arg("--engine")
                 .arg(format!(
-                    "e1=tcp://127.0.0.1:{pub_port},replay=tcp://127.0.0.1:{replay_port}"
+                    "e1={pub_ep},replay={}",
+                    publ.replay_endpoint().expect("replay endpoint")
                 ))
                 .stdout(Stdio::null())
                 .spawn()
@@ -464,12 +466,10 @@ fn bearer_token_guards_the_api() {
 fn rust_client_against_the_daemon() {
     use kvmesh::client::{ClientError, IndexClient, NewEngine, ScoreRequest};
     let ctx = zmq::Context::new();
-    let pub_port = free_port();
-    let publ = EventPublisher::start(
-        &ctx,
-        PublisherConfig::new(format!("tcp://127.0.0.1:{pub_port}")),
-    )
-    .expect("publisher");
+    let publ =
+        EventPublisher::start(&ctx, PublisherConfig::new("tcp://127.0.0.1:0")).expect("publisher");
+    // The publisher binds ports of its own choosing (no race with other tests for them).
+    let pub_ep = publ.endpoint().to_string();
     let http = free_port();
     let _server = Killed(
         Command::new(env!("CARGO_BIN_EXE_kvmesh"))
@@ -492,7 +492,7 @@ fn rust_client_against_the_daemon() {
     client
         .add_engine(&NewEngine {
             name: "e1".into(),
-            endpoint: format!("tcp://127.0.0.1:{pub_port}"),
+            endpoint: pub_ep.clone(),
             replay_endpoint: None,
             model: None,
         })
