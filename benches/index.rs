@@ -344,6 +344,31 @@ fn main() {
         };
         let walk = by_keys(usize::MAX);
         let fixed = by_keys(1);
+        // How far the walks go: the longest match of each 8k prompt, in blocks.
+        let mut deepest: Vec<u32> = keys
+            .iter()
+            .map(|k| {
+                index
+                    .query(&Query {
+                        namespace: &ns,
+                        blocks: QueryBlocks::Keys(k),
+                        engines: None,
+                    })
+                    .iter()
+                    .map(|m| m.matched_blocks)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        deepest.sort_unstable();
+        let mean_deepest =
+            deepest.iter().map(|&d| f64::from(d)).sum::<f64>() / deepest.len().max(1) as f64;
+        eprintln!(
+            "[index] 8k prompts' longest match: mean {:.0} blocks, median {} of {}",
+            mean_deepest,
+            deepest.get(deepest.len() / 2).copied().unwrap_or(0),
+            8192 / BS
+        );
         eprintln!(
             "[index] 8k prompts: hashing alone p50 {:.2} us, walk given the keys p50 {:.2} us p99 {:.2} us, first block alone p50 {:.2} us",
             hashing.p50, walk.p50, walk.p99, fixed.p50

@@ -17,7 +17,11 @@
 //!
 //! Each headline figure is the median over block sizes of per-size medians; per-size figures
 //! carry a `_<size>` suffix and every ratio to its baseline is reported (`*_vs_*`, and the worst
-//! size as `*_vs_*_min`).
+//! size as `*_vs_*_min`). The disk tier and fio take turns in rounds
+//! (eight in a full run, two in a quick one), each round the tier's four passes and then fio's
+//! or the other way round, alternating; the disk ratios are the medians of the rounds' own
+//! ratios: this machine's shared disk drifts by ±20% within a minute, which a ratio of two
+//! separately taken medians would carry into the result.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -146,6 +150,9 @@ fn random_fill(buf: &mut [u8]) {
 #[derive(Default)]
 struct Figures {
     per_size: BTreeMap<String, Vec<(usize, f64)>>,
+    /// Ratios measured pairwise (`<ours>_vs_<baseline>`, per size), where a baseline ran beside
+    /// each pass; other ratios are taken between the two medians.
+    ratios: BTreeMap<String, Vec<(usize, f64)>>,
 }
 
 impl Figures {
@@ -157,6 +164,19 @@ impl Figures {
     }
     fn get(&self, name: &str, size: usize) -> Option<f64> {
         self.per_size
+            .get(name)?
+            .iter()
+            .find(|(s, _)| *s == size)
+            .map(|x| x.1)
+    }
+    fn ratio(&mut self, name: &str, size: usize, v: f64) {
+        self.ratios
+            .entry(name.to_string())
+            .or_default()
+            .push((size, v));
+    }
+    fn get_ratio(&self, name: &str, size: usize) -> Option<f64> {
+        self.ratios
             .get(name)?
             .iter()
             .find(|(s, _)| *s == size)
@@ -258,7 +278,7 @@ fn stamped(buf: &[u8]) -> usize {
 
 fn bench_disk(f: &mut Figures, dir: &Path, quick: bool, fio: bool) {
     let total: usize = if quick { 64 << 20 } else { 512 << 20 };
-    let reps = if quick { 1 } else { 7 };
+    let reps = if quick { 2 } else { 8 };
     let tier_dir = dir.join("kvstore");
     let fio_dir = dir.join("fio");
     for s in sizes() {
@@ -270,20 +290,23 @@ fn bench_disk(f: &mut Figures, dir: &Path, quick: bool, fio: bool) {
         let (mut w, mut r, mut wr, mut rr) = (vec![], vec![], vec![], vec![]);
         let (mut fw, mut fr, mut fwr, mut frr) = (vec![], vec![], vec![], vec![]);
         // One fio round: the same passes as one round of the tier, on a fresh directory.
-        let mut fio_round = || {
-            let _ = std::fs::remove_dir_all(&fio_dir);
-            std::fs::create_dir_all(&fio_dir).unwrap();
-            fw.push(run_fio(&fio_dir, "write", s, total, "psync", 1));
-            fr.push(run_fio(&fio_dir, "read", s, total, "psync", 1));
-            frr.push(run_fio(&fio_dir, "randread", s, total, "psync", 1));
-            fwr.push(run_fio(&fio_dir, "randwrite", s, total, "psync", 1));
-            let _ = std::fs::remove_dir_all(&fio_dir);
-        };
+        let fio_round =
+            |fw: &mut Vec<f64>, fr: &mut Vec<f64>, frr: &mut Vec<f64>, fwr: &mut Vec<f64>| {
+                let _ = std::fs::remove_dir_all(&fio_dir);
+                std::fs::create_dir_all(&fio_dir).unwrap();
+                fw.push(run_fio(&fio_dir, "write", s, total, "psync", 1));
+                fr.push(run_fio(&fio_dir, "read", s, total, "psync", 1));
+                frr.push(run_fio(&fio_dir, "randread", s, total, "psync", 1));
+                fwr.push(run_fio(&fio_dir, "randwrite", s, total, "psync", 1));
+                let _ = std::fs::remove_dir_all(&fio_dir);
+            };
         for rep in 0..reps {
-            // Rounds of the tier and of fio alternate, and which goes first alternates too, so
-            // both sides sample the same stretch of this (shared, drifting) machine.
+            // A round is the tier's four passes and fio's four passes, each system's reads
+            // following its own writes; which system goes first alternates with the round (an
+            // even number of rounds), and a round's ratios are taken within the round, so both
+            // sides sample the same stretch of this shared, drifting disk.
             if fio && rep % 2 == 1 {
-                fio_round();
+                fio_round(&mut fw, &mut fr, &mut frr, &mut fwr);
             }
             let _ = std::fs::remove_dir_all(&tier_dir);
             let mut c = DiskConfig::new(&tier_dir, total as u64, s);
@@ -327,7 +350,26 @@ fn bench_disk(f: &mut Figures, dir: &Path, quick: bool, fio: bool) {
             drop(t);
             let _ = std::fs::remove_dir_all(&tier_dir);
             if fio && rep % 2 == 0 {
-                fio_round();
+                fio_round(&mut fw, &mut fr, &mut frr, &mut fwr);
+            }
+        }
+        if fio {
+            // Ratios to fio: the median of the rounds' paired ratios.
+            for (name, ours, theirs) in [
+                ("disk_write_vs_fio_write", &w, &fw),
+                ("disk_read_vs_fio_read", &r, &fr),
+                ("disk_write_rand_vs_fio_write_rand", &wr, &fwr),
+                ("disk_read_rand_vs_fio_read_rand", &rr, &frr),
+            ] {
+                let paired: Vec<f64> = ours
+                    .iter()
+                    .zip(theirs.iter())
+                    .filter(|(_, b)| **b > 0.0)
+                    .map(|(a, b)| a / b)
+                    .collect();
+                if !paired.is_empty() {
+                    f.ratio(name, s, median(paired));
+                }
             }
         }
         let _ = std::fs::remove_dir_all(&tier_dir);
@@ -583,16 +625,14 @@ fn main() {
             let v = f.get(ours, s).unwrap_or(0.0);
             row += &format!(" {v:>8.2}");
             if let Some(b) = f.get(base, s).filter(|b| *b > 0.0) {
-                ratios.push(v / b);
-                json.insert(
-                    format!(
-                        "{}_vs_{}_{}",
-                        ours.trim_end_matches("_gbps"),
-                        base.trim_end_matches("_gbps"),
-                        size_name(s)
-                    ),
-                    (v / b).into(),
+                let name = format!(
+                    "{}_vs_{}",
+                    ours.trim_end_matches("_gbps"),
+                    base.trim_end_matches("_gbps")
                 );
+                let r = f.get_ratio(&name, s).unwrap_or(v / b);
+                ratios.push(r);
+                json.insert(format!("{name}_{}", size_name(s)), r.into());
             }
         }
         if !ratios.is_empty() {
@@ -613,6 +653,13 @@ fn main() {
             brow += &format!(" {:>8.2}", f.get(base, s).unwrap_or(0.0));
         }
         println!("{brow}");
+        if ratios.len() == SIZES.len() {
+            let mut rrow = format!("{:<22}", "  ratio");
+            for r in &ratios {
+                rrow += &format!(" {:>7.0}%", r * 100.0);
+            }
+            println!("{rrow}");
+        }
     }
     if let Some(v) = f.per_size.get("fio_uring_read_rand_gbps") {
         for (s, u) in v {

@@ -68,6 +68,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Result, StoreError};
 use crate::policy::{Policy, PolicyKind};
+use crate::staging::StagePool;
 use crate::stats::{TierCounters, TierStats};
 
 /// Alignment of direct I/O (offsets, lengths and buffers).
@@ -133,6 +134,12 @@ pub struct DiskConfig {
     /// overlap). `false`: one `pread`/`pwrite` per block on the caller's thread, the path also
     /// taken where the kernel refuses native AIO. Both keep the same format and guarantees.
     pub native_aio: bool,
+    /// Move blocks of 64 KiB or more through the tier's own buffers of transparent huge pages
+    /// (read into one and copied out, copied into one and written) when direct I/O is in
+    /// effect and the system has transparent huge pages: pinning one huge page per request
+    /// instead of a page per 4 KiB made direct reads of 256 KiB ~50% faster here (see
+    /// `staging.rs`). `false`: I/O goes straight to and from the caller's memory.
+    pub staging: bool,
 }
 
 impl DiskConfig {
@@ -149,6 +156,7 @@ impl DiskConfig {
             sync: false,
             stripes: 8,
             native_aio: true,
+            staging: true,
         }
     }
 }
@@ -355,6 +363,8 @@ struct Shared {
     direct: bool,
     /// Native AIO for large blocks ([`DiskConfig::native_aio`]).
     aio: bool,
+    /// Huge-page staging buffers ([`DiskConfig::staging`]), where they pay.
+    stage: Option<StagePool>,
     read_only: bool,
     sync: bool,
     admission: Admission,
@@ -687,6 +697,11 @@ impl DiskTier {
                 hdr,
                 direct,
                 aio: cfg.native_aio,
+                stage: if direct && cfg.staging {
+                    StagePool::new(slot_bytes)
+                } else {
+                    None
+                },
                 read_only,
                 sync: cfg.sync,
                 admission: cfg.admission,
@@ -711,6 +726,13 @@ impl DiskTier {
     /// Whether O_DIRECT is in effect (verified at open).
     pub fn direct_io(&self) -> bool {
         self.sh.direct
+    }
+
+    /// Whether blocks move through the tier's huge-page staging buffers
+    /// ([`DiskConfig::staging`]; only with direct I/O, blocks of 64 KiB or more and transparent
+    /// huge pages).
+    pub fn staging(&self) -> bool {
+        self.sh.stage.is_some()
     }
 
     /// Whether the tier was opened read-only.
@@ -900,7 +922,13 @@ impl DiskTier {
             && data.len().is_multiple_of(IO_ALIGN);
         // The payload is complete on disk (every part of it, whichever way it was written)
         // before `write_and_sum` returns, and only then is the header written below.
-        let res = if aligned || !self.sh.direct {
+        let mut staged = self.sh.stage.as_ref().and_then(|p| p.take());
+        let res = if let Some(st) = staged.as_mut() {
+            let buf = st.get(self.sh.slot_bytes);
+            buf[..data.len()].copy_from_slice(data);
+            buf[data.len()..].fill(0);
+            write_and_sum(file, self.io_mode(), off, buf, data.len())
+        } else if aligned || !self.sh.direct {
             write_and_sum(file, self.io_mode(), off, data, data.len())
         } else {
             let mut buf = AlignedBuf::zeroed(data.len());
@@ -986,8 +1014,13 @@ impl DiskTier {
             self.sh.stats.miss();
             return Ok(None);
         };
+        if let Some(mut st) = self.sh.stage.as_ref().and_then(|p| p.take()) {
+            let buf = st.get(self.sh.slot_bytes);
+            self.unpin_after_read(key, slot, len, sum, buf, None)?;
+            return Ok(Some(Bytes::copy_from_slice(&buf[..len])));
+        }
         let mut buf = AlignedBuf::zeroed(len);
-        self.unpin_after_read(key, slot, len, sum, buf.full_mut())?;
+        self.unpin_after_read(key, slot, len, sum, buf.full_mut(), None)?;
         Ok(Some(Bytes::from_owner(buf)))
     }
 
@@ -1005,11 +1038,15 @@ impl DiskTier {
             self.sh.stats.miss();
             return Ok(false);
         };
-        if (dst.as_ptr() as usize).is_multiple_of(IO_ALIGN) && len.is_multiple_of(IO_ALIGN) {
-            self.unpin_after_read(key, slot, len, sum, dst)?;
+        if let Some(mut st) = self.sh.stage.as_ref().and_then(|p| p.take()) {
+            // Each part is copied out as soon as it is checksummed.
+            let buf = st.get(self.sh.slot_bytes);
+            self.unpin_after_read(key, slot, len, sum, buf, Some(dst))?;
+        } else if (dst.as_ptr() as usize).is_multiple_of(IO_ALIGN) && len.is_multiple_of(IO_ALIGN) {
+            self.unpin_after_read(key, slot, len, sum, dst, None)?;
         } else {
             let mut buf = AlignedBuf::zeroed(len);
-            self.unpin_after_read(key, slot, len, sum, buf.full_mut())?;
+            self.unpin_after_read(key, slot, len, sum, buf.full_mut(), None)?;
             dst.copy_from_slice(&buf);
         }
         Ok(true)
@@ -1017,7 +1054,8 @@ impl DiskTier {
 
     /// Reads slot `slot` into `buf` (at least `len` bytes, aligned as direct I/O needs), checks
     /// it against `expect` (the checksum taken with the pin: a pinned slot is not rewritten) and
-    /// unpins.
+    /// unpins. With `copy_to`, the block's bytes are also copied there as they are checksummed;
+    /// they are the block's only if this returns `Ok`.
     fn unpin_after_read(
         &self,
         key: BlockKey,
@@ -1025,11 +1063,12 @@ impl DiskTier {
         len: usize,
         expect: u64,
         buf: &mut [u8],
+        copy_to: Option<&mut [u8]>,
     ) -> Result<()> {
         let t0 = Instant::now();
         let (file, off) = self.locate(slot);
         let n = buf.len().min(self.sh.slot_bytes);
-        let sum = match read_and_sum(file, self.io_mode(), off, &mut buf[..n], len) {
+        let sum = match read_and_sum(file, self.io_mode(), off, &mut buf[..n], len, copy_to) {
             Ok(sum) => sum,
             Err(e) => {
                 self.unpin_or_drop(key, slot, false);
@@ -1109,6 +1148,8 @@ impl DiskTier {
 /// machine (ext4) first writes of 256 KiB–2 MiB blocks in four parts reached 70–81% of fio's
 /// single `pwrite`s, in one request 83–101%; overwrites were as fast either way.
 const AIO_MIN: usize = 128 << 10;
+/// Writes of at least this many bytes go as one native-AIO request, hashed while in flight.
+const AIO_WRITE_MIN: usize = 64 << 10;
 /// Parts of an AIO read (the bytes in flight stay one block).
 const AIO_PARTS: usize = 4;
 
@@ -1128,13 +1169,18 @@ fn read_and_sum(
     off: u64,
     buf: &mut [u8],
     len: usize,
+    mut copy_to: Option<&mut [u8]>,
 ) -> std::io::Result<u64> {
     if uses_aio(mode, buf.len()) {
-        if let Some(r) = aio::with_ctx(|ctx| chunked_read(ctx, file, off, buf, len)) {
+        let r = aio::with_ctx(|ctx| chunked_read(ctx, file, off, buf, len, copy_to.as_deref_mut()));
+        if let Some(r) = r {
             return r;
         }
     }
     file.read_exact_at(buf, off)?;
+    if let Some(dst) = copy_to {
+        dst[..len].copy_from_slice(&buf[..len]);
+    }
     Ok(xxh3_64(&buf[..len]))
 }
 
@@ -1151,7 +1197,11 @@ fn write_and_sum(
     buf: &[u8],
     len: usize,
 ) -> std::io::Result<u64> {
-    if uses_aio(mode, buf.len()) && (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN) {
+    if mode.direct
+        && mode.aio
+        && buf.len() >= AIO_WRITE_MIN
+        && (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN)
+    {
         if let Some(r) = aio::with_ctx(|ctx| aio_write(ctx, file, off, buf, len)) {
             return r;
         }
@@ -1202,6 +1252,7 @@ fn chunked_read(
     off: u64,
     buf: &mut [u8],
     len: usize,
+    mut copy_to: Option<&mut [u8]>,
 ) -> std::io::Result<u64> {
     let part = buf.len() / AIO_PARTS;
     let base = buf.as_mut_ptr();
@@ -1230,7 +1281,11 @@ fn chunked_read(
             let b = ((hashed + 1) * part).min(len);
             if a < b {
                 // SAFETY: part `hashed` is complete and no request writes to it any more.
-                hasher.update(unsafe { std::slice::from_raw_parts(base.add(a), b - a) });
+                let bytes = unsafe { std::slice::from_raw_parts(base.add(a), b - a) };
+                hasher.update(bytes);
+                if let Some(dst) = copy_to.as_deref_mut() {
+                    dst[a..b].copy_from_slice(bytes);
+                }
             }
             hashed += 1;
         }
@@ -1247,6 +1302,9 @@ fn chunked_read(
         let b = ((i + 1) * part).min(len);
         if a < b {
             hasher.update(&buf[a..b]);
+            if let Some(dst) = copy_to.as_deref_mut() {
+                dst[a..b].copy_from_slice(&buf[a..b]);
+            }
         }
     }
     Ok(hasher.digest())

@@ -221,7 +221,7 @@ fn gpu_register(arena: &Arena, pin: GpuPin) -> Result<Option<kvstore_cuda::Pinne
     }
 }
 
-fn thp_available() -> bool {
+pub(crate) fn thp_available() -> bool {
     std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .map(|s| s.contains("[always]") || s.contains("[madvise]"))
         .unwrap_or(false)

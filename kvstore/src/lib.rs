@@ -81,6 +81,7 @@ pub mod events;
 pub mod host;
 pub mod policy;
 pub mod remote;
+mod staging;
 pub mod stats;
 pub mod store;
 

@@ -24,7 +24,22 @@ fn cfg(dir: &Path, block: usize, slots: usize, aio: bool) -> DiskConfig {
     c.direct = DirectIo::Require;
     c.native_aio = aio;
     c.stripes = 1;
+    c.staging = false;
     c
+}
+
+/// As [`cfg`], with the tier's huge-page staging buffers on.
+fn staged(dir: &Path, block: usize, slots: usize, aio: bool) -> DiskConfig {
+    DiskConfig {
+        staging: true,
+        ..cfg(dir, block, slots, aio)
+    }
+}
+
+/// Whether this system has transparent huge pages (what staging needs).
+fn thp() -> bool {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|s| s.contains("[always]") || s.contains("[madvise]"))
 }
 
 fn aio_contexts() -> u64 {
@@ -120,11 +135,19 @@ fn aio_and_pread_paths_store_and_return_the_same_bytes() {
 fn both_paths_verify_checksums_in_every_part() {
     let _g = SERIAL.lock();
     let bb = 256 << 10;
-    for aio in [true, false] {
+    for (aio, stage) in [(true, false), (false, false), (true, true), (false, true)] {
+        let conf = |d: &Path| {
+            if stage {
+                staged(d, bb, 4, aio)
+            } else {
+                cfg(d, bb, 4, aio)
+            }
+        };
         let d = Scratch::new("aio-corrupt");
         let keys: Vec<BlockKey> = (2..6).map(BlockKey).collect();
         {
-            let t = DiskTier::open(&cfg(d.path(), bb, 4, aio)).unwrap();
+            let t = DiskTier::open(&conf(d.path())).unwrap();
+            assert_eq!(t.staging(), stage && thp());
             for &k in &keys {
                 t.put(k, &content(k, bb)).unwrap();
             }
@@ -145,12 +168,19 @@ fn both_paths_verify_checksums_in_every_part() {
         }
         f.sync_all().unwrap();
         drop(f);
-        let t = DiskTier::open(&cfg(d.path(), bb, 4, aio)).unwrap();
+        let t = DiskTier::open(&conf(d.path())).unwrap();
         assert_eq!(t.recovery().blocks, keys.len());
-        for &k in &keys {
-            match t.get(k) {
+        let mut dst = vec![0u8; bb];
+        for (i, &k) in keys.iter().enumerate() {
+            // Half through `get`, half into the caller's memory.
+            let r = if i % 2 == 0 {
+                t.get(k).map(|_| ())
+            } else {
+                t.get_into(k, &mut dst).map(|_| ())
+            };
+            match r {
                 Err(StoreError::Corrupt { .. }) => {}
-                other => panic!("aio {aio}: corrupt block {k:?} gave {other:?}"),
+                other => panic!("aio {aio} staging {stage}: corrupt block {k:?} gave {other:?}"),
             }
             assert!(!t.contains(k), "a corrupt block must be dropped");
         }
@@ -163,10 +193,16 @@ fn a_short_part_is_reread_and_a_block_never_returned_incomplete() {
     let _g = SERIAL.lock();
     let bb = 256 << 10;
     let part = bb / 4;
-    for aio in [true, false] {
+    for (aio, stage) in [(true, false), (false, false), (true, true), (false, true)] {
         let d = Scratch::new("aio-short");
         let keys: Vec<BlockKey> = (2..6).map(BlockKey).collect();
-        let t = DiskTier::open(&cfg(d.path(), bb, 4, aio)).unwrap();
+        let c = if stage {
+            staged(d.path(), bb, 4, aio)
+        } else {
+            cfg(d.path(), bb, 4, aio)
+        };
+        let t = DiskTier::open(&c).unwrap();
+        assert_eq!(t.staging(), stage && thp());
         for &k in &keys {
             t.put(k, &content(k, bb)).unwrap();
         }
@@ -196,5 +232,57 @@ fn a_short_part_is_reread_and_a_block_never_returned_incomplete() {
             assert!(dst[..] == content(k, bb)[..], "aio {aio}: {k:?} differs");
         }
         assert_eq!(t.stats().corrupt, 0);
+    }
+}
+
+#[test]
+fn staged_and_direct_io_store_and_return_the_same_bytes() {
+    let _g = SERIAL.lock();
+    for bb in [64 << 10, 256 << 10, 2 << 20] {
+        for aio in [true, false] {
+            let d = Scratch::new("staged-same");
+            let keys: Vec<BlockKey> = (2..10).map(BlockKey).collect();
+            // Written half staged, half straight from the caller's memory.
+            {
+                let t = DiskTier::open(&staged(d.path(), bb, 16, aio)).unwrap();
+                assert_eq!(t.staging(), thp(), "{bb}: staging should follow THP");
+                for &k in &keys[..4] {
+                    t.put(k, &content(k, bb)).unwrap();
+                }
+            }
+            {
+                let t = DiskTier::open(&cfg(d.path(), bb, 16, aio)).unwrap();
+                assert!(!t.staging());
+                for &k in &keys[4..] {
+                    t.put(k, &content(k, bb)).unwrap();
+                }
+            }
+            // Everything read back both ways, through `get` and into aligned and unaligned
+            // memory.
+            for stage in [true, false] {
+                let c = if stage {
+                    staged(d.path(), bb, 16, aio)
+                } else {
+                    cfg(d.path(), bb, 16, aio)
+                };
+                let t = DiskTier::open(&c).unwrap();
+                assert_eq!(t.recovery().blocks, keys.len());
+                let mut al = AlignedBuf::zeroed(bb);
+                let mut v = vec![0u8; bb + 1];
+                for &k in &keys {
+                    let want = content(k, bb);
+                    assert!(
+                        t.get(k).unwrap().expect("held")[..] == want[..],
+                        "{bb} {stage}: get {k:?}"
+                    );
+                    assert!(t.get_into(k, &mut al).unwrap());
+                    assert!(al[..] == want[..], "{bb} {stage}: aligned {k:?}");
+                    assert!(t.get_into(k, &mut v[1..]).unwrap());
+                    assert!(v[1..] == want[..], "{bb} {stage}: unaligned {k:?}");
+                }
+                let st = t.stats();
+                assert_eq!((st.errors, st.corrupt), (0, 0));
+            }
+        }
     }
 }
