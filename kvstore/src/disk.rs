@@ -46,7 +46,12 @@
 //! checksum is taken while it is in flight. [`DiskConfig::native_aio`] `= false` turns both off (one `pread`/`pwrite` per block);
 //! that is also the path taken where the kernel refuses native AIO (said once in a warning), and
 //! a part that fails to submit or comes back short is read or written again with `pread`/`pwrite`;
-//! a part that fails fails the whole call. `benches/run store` also shows
+//! a part that fails fails the whole call. A block of 64 KiB or more moves through one of the
+//! tier's staging buffers of transparent huge pages (read into it and copied out part by part as
+//! each part is checksummed; copied into it and written), because direct I/O pins the caller's
+//! memory page by page and a huge page is one pin (see `staging.rs` for the figures);
+//! [`DiskConfig::staging`] `= false`, or no transparent huge pages, reads and writes the caller's
+//! memory directly. `benches/run store` also shows
 //! fio with io_uring at iodepth 4: its gain over `psync` is its deeper queue (16 I/Os in flight
 //! against 4 at 16 KiB), which callers get with more threads; at 256 KiB and above both engines
 //! are near the device's limit.
@@ -1148,8 +1153,6 @@ impl DiskTier {
 /// machine (ext4) first writes of 256 KiB–2 MiB blocks in four parts reached 70–81% of fio's
 /// single `pwrite`s, in one request 83–101%; overwrites were as fast either way.
 const AIO_MIN: usize = 128 << 10;
-/// Writes of at least this many bytes go as one native-AIO request, hashed while in flight.
-const AIO_WRITE_MIN: usize = 64 << 10;
 /// Parts of an AIO read (the bytes in flight stay one block).
 const AIO_PARTS: usize = 4;
 
@@ -1197,11 +1200,7 @@ fn write_and_sum(
     buf: &[u8],
     len: usize,
 ) -> std::io::Result<u64> {
-    if mode.direct
-        && mode.aio
-        && buf.len() >= AIO_WRITE_MIN
-        && (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN)
-    {
+    if uses_aio(mode, buf.len()) && (buf.as_ptr() as usize).is_multiple_of(IO_ALIGN) {
         if let Some(r) = aio::with_ctx(|ctx| aio_write(ctx, file, off, buf, len)) {
             return r;
         }
