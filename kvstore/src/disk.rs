@@ -46,10 +46,11 @@
 //! checksum is taken while it is in flight. [`DiskConfig::native_aio`] `= false` turns both off (one `pread`/`pwrite` per block);
 //! that is also the path taken where the kernel refuses native AIO (said once in a warning), and
 //! a part that fails to submit or comes back short is read or written again with `pread`/`pwrite`;
-//! a part that fails fails the whole call. A block of 64 KiB or more moves through one of the
-//! tier's staging buffers of transparent huge pages (read into it and copied out part by part as
-//! each part is checksummed; copied into it and written), because direct I/O pins the caller's
-//! memory page by page and a huge page is one pin (see `staging.rs` for the figures);
+//! a part that fails fails the whole call. A block of 64 KiB or more is read into one of the
+//! tier's staging buffers of transparent huge pages and copied out part by part as each part is
+//! checksummed, and one of 1 MiB or more is copied into one and written from there, because
+//! direct I/O pins the caller's memory page by page and a huge page is one pin (see
+//! `staging.rs` for the figures);
 //! [`DiskConfig::staging`] `= false`, or no transparent huge pages, reads and writes the caller's
 //! memory directly. `benches/run store` also shows
 //! fio with io_uring at iodepth 4: its gain over `psync` is its deeper queue (16 I/Os in flight
@@ -73,7 +74,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Result, StoreError};
 use crate::policy::{Policy, PolicyKind};
-use crate::staging::StagePool;
+use crate::staging::{StagePool, WRITE_STAGE_MIN};
 use crate::stats::{TierCounters, TierStats};
 
 /// Alignment of direct I/O (offsets, lengths and buffers).
@@ -139,10 +140,10 @@ pub struct DiskConfig {
     /// overlap). `false`: one `pread`/`pwrite` per block on the caller's thread, the path also
     /// taken where the kernel refuses native AIO. Both keep the same format and guarantees.
     pub native_aio: bool,
-    /// Move blocks of 64 KiB or more through the tier's own buffers of transparent huge pages
-    /// (read into one and copied out, copied into one and written) when direct I/O is in
-    /// effect and the system has transparent huge pages: pinning one huge page per request
-    /// instead of a page per 4 KiB made direct reads of 256 KiB ~50% faster here (see
+    /// Read blocks of 64 KiB or more into the tier's own buffers of transparent huge pages (and
+    /// copy them out), and write blocks of 1 MiB or more from them (copied in), when direct I/O
+    /// is in effect and the system has transparent huge pages: pinning one huge page per
+    /// request instead of a page per 4 KiB made direct reads of 256 KiB ~50% faster here (see
     /// `staging.rs`). `false`: I/O goes straight to and from the caller's memory.
     pub staging: bool,
 }
@@ -927,7 +928,11 @@ impl DiskTier {
             && data.len().is_multiple_of(IO_ALIGN);
         // The payload is complete on disk (every part of it, whichever way it was written)
         // before `write_and_sum` returns, and only then is the header written below.
-        let mut staged = self.sh.stage.as_ref().and_then(|p| p.take());
+        let mut staged = if data.len() >= WRITE_STAGE_MIN {
+            self.sh.stage.as_ref().and_then(|p| p.take())
+        } else {
+            None
+        };
         let res = if let Some(st) = staged.as_mut() {
             let buf = st.get(self.sh.slot_bytes);
             buf[..data.len()].copy_from_slice(data);

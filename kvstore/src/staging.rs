@@ -8,9 +8,13 @@
 //! 2 MiB from 1.4–1.7 to 2.1 GB/s when the buffer was a huge page, and first writes of 2 MiB
 //! from 1.5 to 2.1 GB/s; at 16 KiB it made no difference. So a block of [`STAGE_MIN`] or more
 //! is read into a staging buffer of the tier's (and checksummed there, part by part as the
-//! parts arrive) and copied out to the caller's memory, and written by copying it into one;
-//! the copy costs a fraction of what the pinning saves. Where transparent huge pages are off,
-//! staging would only add a copy, so the tier reads and writes the caller's memory directly.
+//! parts arrive) and copied out to the caller's memory; the copy costs a fraction of what the
+//! pinning saves. Writes gain less, since the copy in comes before the I/O: in the store
+//! benchmark's first writes, staging took 1 MiB blocks from 1.99–2.11 to 2.15–2.21 GB/s and
+//! 2 MiB blocks from 1.70–1.86 to 2.02–2.06, but cost 64 KiB blocks 10% (1.16 to 1.05) and
+//! 256 KiB blocks 20% (2.03 to 1.61), so only blocks of [`WRITE_STAGE_MIN`] or more are written
+//! from a staging buffer. Where transparent huge pages are off, staging would only add a copy,
+//! so the tier reads and writes the caller's memory directly.
 //!
 //! Buffers are kept in a small pool per tier, one per concurrent I/O, and unmapped with it.
 
@@ -18,8 +22,10 @@ use std::ptr::NonNull;
 
 use parking_lot::Mutex;
 
-/// Blocks of at least this many bytes are staged.
+/// Blocks of at least this many bytes are read through a staging buffer.
 pub const STAGE_MIN: usize = 64 << 10;
+/// Blocks of at least this many bytes are written from a staging buffer.
+pub const WRITE_STAGE_MIN: usize = 1 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 /// Buffers a pool keeps when they are given back (more are unmapped).
 const POOL_KEEP: usize = 16;
