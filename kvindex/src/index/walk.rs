@@ -1,5 +1,15 @@
 //! The query walk: following a prompt's chain of block keys through the block table, engines
 //! 32 at a time as bit masks, with the next blocks' slots prefetched ahead.
+//!
+//! Where an 8k-token query's time goes (`benches/run index --quick --only-kvindex`, 64 engines,
+//! a 72 MB index, the development VM): hashing the prompt's tokens 6.3–6.8 µs (2.0 µs when the
+//! tokens are already in cache: the rest is reading them from memory), the walk of its ~500
+//! matched blocks given the keys 15.6–16.7 µs, of which 2.7 µs does not depend on the length.
+//! The same walk repeated on one prompt, its slots in cache, takes 8.4 µs: about 11 ns a block
+//! is work, the rest waits for memory. On that machine random cache lines come at 8–12 ns each
+//! with any prefetch distance (a separate test over 64–128 MB), and a block costs one or two
+//! lines. Prefetching 12, 20 or 32 blocks ahead, one line a block or two, made no difference;
+//! 128-byte buckets were slower (20–21 µs).
 
 use super::*;
 use crate::table::Hits;
