@@ -149,38 +149,34 @@ fn random_fill(buf: &mut [u8]) {
 
 #[derive(Default)]
 struct Figures {
-    per_size: BTreeMap<String, Vec<(usize, f64)>>,
+    per_size: PerSize,
     /// Ratios measured pairwise (`<ours>_vs_<baseline>`, per size), where a baseline ran beside
     /// each pass; other ratios are taken between the two medians.
-    ratios: BTreeMap<String, Vec<(usize, f64)>>,
+    ratios: PerSize,
+}
+
+type PerSize = BTreeMap<String, Vec<(usize, f64)>>;
+
+fn put_at(m: &mut PerSize, name: &str, size: usize, v: f64) {
+    m.entry(name.to_string()).or_default().push((size, v));
+}
+
+fn get_at(m: &PerSize, name: &str, size: usize) -> Option<f64> {
+    m.get(name)?.iter().find(|(s, _)| *s == size).map(|x| x.1)
 }
 
 impl Figures {
     fn add(&mut self, name: &str, size: usize, v: f64) {
-        self.per_size
-            .entry(name.to_string())
-            .or_default()
-            .push((size, v));
+        put_at(&mut self.per_size, name, size, v);
     }
     fn get(&self, name: &str, size: usize) -> Option<f64> {
-        self.per_size
-            .get(name)?
-            .iter()
-            .find(|(s, _)| *s == size)
-            .map(|x| x.1)
+        get_at(&self.per_size, name, size)
     }
     fn ratio(&mut self, name: &str, size: usize, v: f64) {
-        self.ratios
-            .entry(name.to_string())
-            .or_default()
-            .push((size, v));
+        put_at(&mut self.ratios, name, size, v);
     }
     fn get_ratio(&self, name: &str, size: usize) -> Option<f64> {
-        self.ratios
-            .get(name)?
-            .iter()
-            .find(|(s, _)| *s == size)
-            .map(|x| x.1)
+        get_at(&self.ratios, name, size)
     }
 }
 
