@@ -74,7 +74,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::error::{Result, StoreError};
 use crate::policy::{Policy, PolicyKind};
-use crate::staging::{StagePool, WRITE_STAGE_MIN};
+use crate::staging::{StagePool, Staged, WRITE_STAGE_MIN};
 use crate::stats::{TierCounters, TierStats};
 
 /// Alignment of direct I/O (offsets, lengths and buffers).
@@ -741,6 +741,11 @@ impl DiskTier {
         self.sh.stage.is_some()
     }
 
+    /// A staging buffer for one I/O, if the tier stages ([`DiskTier::staging`]).
+    fn staged(&self) -> Option<Staged<'_>> {
+        self.sh.stage.as_ref().and_then(|p| p.take())
+    }
+
     /// Whether the tier was opened read-only.
     pub fn read_only(&self) -> bool {
         self.sh.read_only
@@ -929,7 +934,7 @@ impl DiskTier {
         // The payload is complete on disk (every part of it, whichever way it was written)
         // before `write_and_sum` returns, and only then is the header written below.
         let mut staged = if data.len() >= WRITE_STAGE_MIN {
-            self.sh.stage.as_ref().and_then(|p| p.take())
+            self.staged()
         } else {
             None
         };
@@ -1024,7 +1029,7 @@ impl DiskTier {
             self.sh.stats.miss();
             return Ok(None);
         };
-        if let Some(mut st) = self.sh.stage.as_ref().and_then(|p| p.take()) {
+        if let Some(mut st) = self.staged() {
             let buf = st.get(self.sh.slot_bytes);
             self.unpin_after_read(key, slot, len, sum, buf, None)?;
             return Ok(Some(Bytes::copy_from_slice(&buf[..len])));
@@ -1048,7 +1053,7 @@ impl DiskTier {
             self.sh.stats.miss();
             return Ok(false);
         };
-        if let Some(mut st) = self.sh.stage.as_ref().and_then(|p| p.take()) {
+        if let Some(mut st) = self.staged() {
             // Each part is copied out as soon as it is checksummed.
             let buf = st.get(self.sh.slot_bytes);
             self.unpin_after_read(key, slot, len, sum, buf, Some(dst))?;

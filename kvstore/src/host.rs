@@ -141,29 +141,16 @@ impl Arena {
             }
         }
         if ptr == libc::MAP_FAILED {
-            // SAFETY: as above.
-            ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
-            if ptr == libc::MAP_FAILED {
-                return Err(StoreError::io(
-                    format!("mapping a host arena of {len} bytes"),
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            if huge && thp_available() {
-                // SAFETY: ptr..ptr+len is the mapping just made.
-                if unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) } == 0 {
-                    kind = HugePages::Transparent;
-                }
+            let (p, advised) = map_aligned(len, huge && thp_available())
+                .map_err(|e| StoreError::io(format!("mapping a host arena of {len} bytes"), e))?;
+            ptr = p.as_ptr().cast();
+            if advised {
+                kind = HugePages::Transparent;
             }
         }
         // Fault every page in now, so the first block copies do not pay for it.
-        // SAFETY: ptr..ptr+len is our mapping.
-        if unsafe { libc::madvise(ptr, len, MADV_POPULATE_WRITE) } != 0 {
-            for off in (0..len).step_by(SLOT_ALIGN) {
-                // SAFETY: off < len, inside the writable mapping.
-                unsafe { (ptr as *mut u8).add(off).write_volatile(0) };
-            }
-        }
+        // SAFETY: ptr..ptr+len is our writable mapping.
+        unsafe { populate(ptr.cast(), len) };
         let mut locked = false;
         if lock {
             // SAFETY: ptr..ptr+len is our mapping.
@@ -218,6 +205,53 @@ fn gpu_register(arena: &Arena, pin: GpuPin) -> Result<Option<kvstore_cuda::Pinne
             "pinning the host tier's {} bytes for the GPU: {e}",
             arena.len
         ))),
+    }
+}
+
+/// A private, writable anonymous mapping of `len` bytes that starts on a 2 MiB boundary (so
+/// transparent huge pages can back all of it), advised for them when `thp`. Returns its start
+/// and whether the advice was taken; it is unmapped with `munmap(start, len)`.
+pub(crate) fn map_aligned(len: usize, thp: bool) -> std::io::Result<(NonNull<u8>, bool)> {
+    const HUGE_PAGE: usize = 2 << 20;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    // One huge page more than needed, so that an aligned stretch of `len` lies inside.
+    let span = len + HUGE_PAGE;
+    // SAFETY: an anonymous mapping with no address hint has no preconditions.
+    let raw = unsafe { libc::mmap(std::ptr::null_mut(), span, prot, flags, -1, 0) };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = (raw as usize).next_multiple_of(HUGE_PAGE);
+    let (head, tail) = (start - raw as usize, raw as usize + span - (start + len));
+    // SAFETY: the trimmed pieces lie inside the mapping just made and nothing uses them;
+    // start..start+len is the rest of it.
+    let advised = unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+        thp && libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE) == 0
+    };
+    let ptr = NonNull::new(start as *mut u8).expect("mmap returned a null mapping");
+    Ok((ptr, advised))
+}
+
+/// Faults every page of `ptr..ptr+len` in now (`MADV_POPULATE_WRITE`, or a write per page where
+/// the kernel is older).
+///
+/// # Safety
+/// `ptr..ptr+len` must be a writable mapping whose contents may be overwritten with zeros.
+pub(crate) unsafe fn populate(ptr: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        if libc::madvise(ptr.cast(), len, MADV_POPULATE_WRITE) != 0 {
+            for off in (0..len).step_by(SLOT_ALIGN) {
+                ptr.add(off).write_volatile(0);
+            }
+        }
     }
 }
 

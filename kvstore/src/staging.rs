@@ -29,7 +29,6 @@ pub const WRITE_STAGE_MIN: usize = 1 << 20;
 const HUGE_PAGE: usize = 2 << 20;
 /// Buffers a pool keeps when they are given back (more are unmapped).
 const POOL_KEEP: usize = 16;
-const MADV_POPULATE_WRITE: libc::c_int = 23;
 
 /// One staging buffer: an anonymous mapping of whole huge pages, faulted in when made.
 pub(crate) struct Staging {
@@ -42,37 +41,10 @@ unsafe impl Send for Staging {}
 
 impl Staging {
     fn map(len: usize) -> Option<Staging> {
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-        // Map one huge page more than needed, so that an aligned stretch of `len` lies inside.
-        let span = len + HUGE_PAGE;
-        // SAFETY: an anonymous mapping with no address hint has no preconditions.
-        let raw = unsafe { libc::mmap(std::ptr::null_mut(), span, prot, flags, -1, 0) };
-        if raw == libc::MAP_FAILED {
-            return None;
-        }
-        let start = (raw as usize).next_multiple_of(HUGE_PAGE);
-        let (head, tail) = (start - raw as usize, raw as usize + span - (start + len));
-        // SAFETY: the trimmed pieces lie inside the mapping just made and are no longer used.
-        unsafe {
-            if head > 0 {
-                libc::munmap(raw, head);
-            }
-            if tail > 0 {
-                libc::munmap((start + len) as *mut libc::c_void, tail);
-            }
-            let p = start as *mut libc::c_void;
-            libc::madvise(p, len, libc::MADV_HUGEPAGE);
-            if libc::madvise(p, len, MADV_POPULATE_WRITE) != 0 {
-                for off in (0..len).step_by(4096) {
-                    (start as *mut u8).add(off).write_volatile(0);
-                }
-            }
-        }
-        Some(Staging {
-            ptr: NonNull::new(start as *mut u8)?,
-            len,
-        })
+        let (ptr, _) = crate::host::map_aligned(len, true).ok()?;
+        // SAFETY: `ptr..ptr+len` is the writable mapping just made, not yet in use.
+        unsafe { crate::host::populate(ptr.as_ptr(), len) };
+        Some(Staging { ptr, len })
     }
 
     /// The whole buffer.

@@ -12,6 +12,14 @@ pub(crate) fn ipc_export(_addr: u64, _dev: u32) -> Vec<u8> {
     Vec::new()
 }
 
+/// What every CUDA IPC step says without the `cuda` feature.
+fn no_cuda() -> Error {
+    Error::Unavailable {
+        backend: "cuda_ipc",
+        msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
+    }
+}
+
 /// Nothing is mapped without the `cuda` feature.
 #[derive(Default)]
 pub(crate) struct IpcMaps;
@@ -31,26 +39,17 @@ pub(crate) fn ipc_pairs(
     _regions: &[u32],
     _local_dev: u32,
 ) -> Result<Vec<(u64, u64, usize)>> {
-    Err(Error::Unavailable {
-        backend: "cuda_ipc",
-        msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
-    })
+    Err(no_cuda())
 }
 
 /// Never chosen without the `cuda` feature (`prepare` refuses it).
 pub(crate) fn launch_ipc(_x: &XferShared) -> Result<Option<IpcPending>> {
-    Err(Error::Unavailable {
-        backend: "cuda_ipc",
-        msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
-    })
+    Err(no_cuda())
 }
 
 /// Never chosen without the `cuda` feature (`prepare` refuses it).
 pub(crate) fn run_ipc(_inner: &Arc<Inner>, _x: &XferShared) -> Result<()> {
-    Err(Error::Unavailable {
-        backend: "cuda_ipc",
-        msg: "GPU memory transfers need kvtransfer's cuda feature".into(),
-    })
+    Err(no_cuda())
 }
 
 /// Never constructed without the `cuda` feature.
