@@ -11,6 +11,13 @@
 //! message on the same endpoint). A READ posts gets and flushes likewise. Peer failures reach
 //! in-flight transfers through the endpoint's error handler; a transfer that makes no progress
 //! for the agent's timeout has its endpoint force-closed, which fails it.
+//!
+//! Two rules keep UCX from ever resending a request over an endpoint it has already failed
+//! (UCX treats that as fatal and aborts the process):
+//! - a new endpoint is flushed, and its wire-up thereby completed, before any transfer is
+//!   posted on it, so no transfer waits inside UCX's wire-up queue for a peer that may die;
+//! - an endpoint to a peer process that failed is never created again: transfers to that
+//!   metadata fail at once, and loading the peer's metadata again (a restarted peer) reconnects.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -198,6 +205,8 @@ struct Worker {
     wake: i32,
     addr: Vec<u8>,
     eps: HashMap<(String, u64), Ep>,
+    /// Peers whose endpoint failed, with the metadata it was built from and why.
+    dead: HashMap<(String, u64), (Weak<Remote>, String)>,
     inflight: Vec<(Arc<XferShared>, Instant, (String, u64))>,
     done_tx: crossbeam_channel::Sender<(Arc<XferShared>, sys::ucs_status_t)>,
     done_rx: crossbeam_channel::Receiver<(Arc<XferShared>, sys::ucs_status_t)>,
@@ -338,6 +347,7 @@ impl Worker {
                 wake,
                 addr,
                 eps: HashMap::new(),
+                dead: HashMap::new(),
                 inflight: Vec::new(),
                 done_tx,
                 done_rx,
@@ -476,12 +486,18 @@ impl Worker {
                 return Ok(e.ep);
             }
             let s = e.failed.status.load(Ordering::Acquire);
-            let msg = status_str(&self.lib, s);
+            let msg = format!("UCX endpoint failed: {}", status_str(&self.lib, s));
             self.close_ep(&key);
-            return Err(peer_err(
-                &r.meta.name,
-                format!("UCX endpoint failed: {msg}"),
-            ));
+            self.mark_dead(r, msg.clone());
+            return Err(peer_err(&r.meta.name, msg));
+        }
+        if let Some((w, why)) = self.dead.get(&key) {
+            if std::ptr::eq(w.as_ptr(), Arc::as_ptr(r)) {
+                return Err(peer_err(
+                    &r.meta.name,
+                    format!("{why} (earlier; load the peer's metadata again to reconnect)"),
+                ));
+            }
         }
         if r.meta.ucx_worker.is_empty() {
             return Err(Error::Unavailable {
@@ -515,7 +531,7 @@ impl Worker {
             ep
         };
         self.eps.insert(
-            key,
+            key.clone(),
             Ep {
                 ep,
                 rkeys: HashMap::new(),
@@ -523,7 +539,62 @@ impl Worker {
                 remote: r.clone(),
             },
         );
+        // Complete the wire-up before anything is posted: a flush of a new endpoint finishes
+        // once its lanes are connected (or fails if the peer is gone).
+        let flush = *f!(lib, ucp_ep_flush_nbx);
+        // SAFETY: our endpoint; a zeroed param asks for no callback.
+        let sp = unsafe {
+            let p: sys::ucp_request_param_t = std::mem::zeroed();
+            flush(ep, &p)
+        };
+        let s = self.wait_request(sp);
+        let failed = self
+            .eps
+            .get(&key)
+            .map(|e| e.failed.status.load(Ordering::Acquire))
+            .unwrap_or(sys::UCS_OK);
+        let s = if s == sys::UCS_OK { failed } else { s };
+        if s != sys::UCS_OK {
+            let msg = if s == sys::UCS_INPROGRESS {
+                format!("UCX endpoint not connected within {:?}", self.timeout)
+            } else {
+                format!("UCX endpoint failed to connect: {}", status_str(&lib, s))
+            };
+            self.close_ep(&key);
+            self.mark_dead(r, msg.clone());
+            return Err(peer_err(&r.meta.name, msg));
+        }
         Ok(ep)
+    }
+
+    /// Remembers that the endpoint built from this metadata failed.
+    fn mark_dead(&mut self, r: &Arc<Remote>, why: String) {
+        self.dead.insert(Self::key(r), (Arc::downgrade(r), why));
+    }
+
+    /// Waits (progressing the worker) for a request UCX returned, at most the agent's
+    /// timeout; returns its status (`UCS_INPROGRESS` if it did not finish) and releases it.
+    fn wait_request(&mut self, sp: sys::ucs_status_ptr_t) -> sys::ucs_status_t {
+        if !sys::ptr_is_ptr(sp) {
+            return sys::ptr_status(sp);
+        }
+        let (Ok(check), Ok(progress), Ok(free)) = (
+            self.lib.ucp_request_check_status.as_ref(),
+            self.lib.ucp_worker_progress.as_ref(),
+            self.lib.ucp_request_free.as_ref(),
+        ) else {
+            return sys::UCS_ERR_UNSUPPORTED;
+        };
+        let t = Instant::now();
+        // SAFETY: a live request of our worker, released once below.
+        unsafe {
+            while check(sp) == sys::UCS_INPROGRESS && t.elapsed() < self.timeout {
+                progress(self.worker);
+            }
+            let s = check(sp);
+            free(sp);
+            s
+        }
     }
 
     fn rkey(&mut self, r: &Arc<Remote>, region: u32) -> Result<sys::ucp_rkey_h> {
@@ -665,17 +736,16 @@ impl Worker {
     fn am(&mut self, ep: sys::ucp_ep_h, m: &[u8]) -> Result<()> {
         let lib = self.lib.clone();
         let send = *f!(lib, ucp_am_send_nbx);
-        let free = *f!(lib, ucp_request_free);
         let name = self.name.as_bytes().to_vec();
         // UCX may keep using the buffers until the send completes: leak-free by blocking on
         // progress until it does (notifications are small and eager).
         let data = m.to_vec();
         // SAFETY: header/data live until the request completes below; eager flag set.
-        unsafe {
+        let sp = unsafe {
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
             p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_FLAGS;
             p.flags = sys::UCP_AM_SEND_FLAG_EAGER;
-            let sp = send(
+            send(
                 ep,
                 AM_NOTIF,
                 name.as_ptr() as *const c_void,
@@ -683,34 +753,24 @@ impl Worker {
                 data.as_ptr() as *const c_void,
                 data.len(),
                 &p,
-            );
-            if sys::ptr_is_err(sp) {
-                return Err(Error::Io(format!(
-                    "UCX notification: {}",
-                    status_str(&lib, sys::ptr_status(sp))
-                )));
+            )
+        };
+        match self.wait_request(sp) {
+            sys::UCS_OK => Ok(()),
+            sys::UCS_INPROGRESS => {
+                // Released unfinished: UCX may still read the buffers, so they are leaked.
+                std::mem::forget(name);
+                std::mem::forget(data);
+                Err(Error::Io(format!(
+                    "UCX notification not sent within {:?}",
+                    self.timeout
+                )))
             }
-            if sys::ptr_is_ptr(sp) {
-                let check = *f!(lib, ucp_request_check_status);
-                let progress = *f!(lib, ucp_worker_progress);
-                let t = Instant::now();
-                while check(sp) == sys::UCS_INPROGRESS {
-                    progress(self.worker);
-                    if t.elapsed() > self.timeout {
-                        break;
-                    }
-                }
-                let s = check(sp);
-                free(sp);
-                if s != sys::UCS_OK {
-                    return Err(Error::Io(format!(
-                        "UCX notification: {}",
-                        status_str(&lib, s)
-                    )));
-                }
-            }
+            s => Err(Error::Io(format!(
+                "UCX notification: {}",
+                status_str(&lib, s)
+            ))),
         }
-        Ok(())
     }
 
     /// Fails transfers whose endpoint failed or that made no progress for the timeout: their
@@ -738,6 +798,10 @@ impl Worker {
                 .map(|(x, _, _)| x.clone())
                 .collect();
             self.inflight.retain(|(_, _, k)| *k != key);
+            if let Some(x) = stuck.first() {
+                let why = format!("UCX transfer made no progress for {:?}", self.timeout);
+                self.mark_dead(&x.remote.clone(), why);
+            }
             for x in stuck {
                 x.complete(Err(Error::Timeout {
                     peer: key.0.clone(),

@@ -29,6 +29,46 @@ fn ucx_restarted_peer_reconnects() {
     restarted_peer(&Net::loopback_ucx(), &[Backend::Ucx]);
 }
 
+/// Once a peer's endpoint failed, later transfers to that metadata fail at once without a new
+/// endpoint (UCX would otherwise queue them behind the wire-up to a dead process).
+#[test]
+fn ucx_dead_peer_is_not_reconnected() {
+    let net = Net::loopback_ucx();
+    let a = net.agent("ucx-reader", Duration::from_secs(2));
+    let buf = kvtransfer::HostBuffer::new(SIZE).unwrap();
+    a.register(&buf).unwrap();
+    let mut p = net.peer("ucx-dying", SIZE, &[]);
+    let name = a.load_remote(&p.meta).unwrap();
+    let pieces: Vec<(u64, u64)> = (0..256u64).map(|i| (i * 16384, 16384)).collect();
+    let h = a
+        .prepare(
+            kvtransfer::Op::Read,
+            &descs(buf.addr(), &pieces),
+            &name,
+            &descs(p.base, &pieces),
+            Some(Backend::Ucx),
+        )
+        .unwrap();
+    h.post(None).unwrap();
+    h.wait_timeout(WAIT).unwrap();
+    assert_eq!(local_sum(&buf, &pieces), p.sum(&pieces));
+    p.kill();
+    let mut errors = Vec::new();
+    for _ in 0..30 {
+        let r = h.post(None).and_then(|()| h.wait_timeout(WAIT).map(|_| ()));
+        match r {
+            Ok(()) => panic!("a READ from a killed peer succeeded"),
+            Err(Error::Busy) => panic!("a READ from a killed peer neither finished nor failed"),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    let last = errors.last().unwrap();
+    assert!(
+        last.contains("earlier") && last.contains("ucx-dying"),
+        "later failures should name the earlier one: {errors:?}"
+    );
+}
+
 #[test]
 fn ucx_notification_after_data() {
     let net = Net::loopback_ucx();
