@@ -15,7 +15,8 @@
 //! Two rules keep UCX from ever resending a request over an endpoint it has already failed
 //! (UCX treats that as fatal and aborts the process):
 //! - a new endpoint is flushed, and its wire-up thereby completed, before any transfer is
-//!   posted on it, so no transfer waits inside UCX's wire-up queue for a peer that may die;
+//!   posted on it (transfers wait in the endpoint's own queue meanwhile, never inside UCX's
+//!   wire-up queue, and a peer that does not answer fails them after the timeout);
 //! - an endpoint to a peer process that failed is never created again: transfers to that
 //!   metadata fail at once, and loading the peer's metadata again (a restarted peer) reconnects.
 
@@ -181,6 +182,12 @@ impl Ucx {
 /// State of one remote endpoint (progress thread only).
 struct Ep {
     ep: sys::ucp_ep_h,
+    /// Tells this endpoint from a later one to the same peer.
+    id: u64,
+    /// When the wire-up flush was posted, while it runs.
+    connecting: Option<Instant>,
+    /// Transfers posted while the endpoint connects.
+    waiting: Vec<Arc<XferShared>>,
     rkeys: HashMap<u32, sys::ucp_rkey_h>,
     failed: Box<EpFailure>,
     remote: Arc<Remote>,
@@ -189,6 +196,14 @@ struct Ep {
 /// Written by the endpoint error handler.
 struct EpFailure {
     status: std::sync::atomic::AtomicI8,
+}
+
+/// The wire-up flush of a new endpoint: (peer, endpoint id, status) on completion.
+struct Connect {
+    key: (String, u64),
+    id: u64,
+    free: unsafe extern "C" fn(*mut c_void),
+    done: crossbeam_channel::Sender<((String, u64), u64, sys::ucs_status_t)>,
 }
 
 struct Flush {
@@ -210,6 +225,9 @@ struct Worker {
     inflight: Vec<(Arc<XferShared>, Instant, (String, u64))>,
     done_tx: crossbeam_channel::Sender<(Arc<XferShared>, sys::ucs_status_t)>,
     done_rx: crossbeam_channel::Receiver<(Arc<XferShared>, sys::ucs_status_t)>,
+    conn_tx: crossbeam_channel::Sender<((String, u64), u64, sys::ucs_status_t)>,
+    conn_rx: crossbeam_channel::Receiver<((String, u64), u64, sys::ucs_status_t)>,
+    next_ep: u64,
     timeout: Duration,
     am_arg: *mut Weak<Inner>,
     name: String,
@@ -228,6 +246,14 @@ extern "C" fn flush_done(req: *mut c_void, status: sys::ucs_status_t, user: *mut
     // SAFETY: the flush request UCX handed back at post; released once, here.
     unsafe { (f.free)(req) };
     let _ = f.done.send((f.x, status));
+}
+
+extern "C" fn connect_done(req: *mut c_void, status: sys::ucs_status_t, user: *mut c_void) {
+    // SAFETY: user is the Box<Connect> leaked when the flush was posted; called once.
+    let c = unsafe { Box::from_raw(user as *mut Connect) };
+    // SAFETY: the flush request UCX handed back at post; released once, here.
+    unsafe { (c.free)(req) };
+    let _ = c.done.send((c.key, c.id, status));
 }
 
 extern "C" fn am_recv(
@@ -339,6 +365,7 @@ impl Worker {
                 return Err(fail("ucp_worker_set_am_recv_handler", s));
             }
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            let (conn_tx, conn_rx) = crossbeam_channel::unbounded();
             Ok(Worker {
                 lib,
                 ctx,
@@ -351,6 +378,9 @@ impl Worker {
                 inflight: Vec::new(),
                 done_tx,
                 done_rx,
+                conn_tx,
+                conn_rx,
+                next_ep: 0,
                 timeout,
                 am_arg,
                 name,
@@ -381,6 +411,10 @@ impl Worker {
                 busy = true;
                 self.finish(&x, s);
             }
+            while let Ok((key, id, s)) = self.conn_rx.try_recv() {
+                busy = true;
+                self.connected(&key, id, s);
+            }
             if last_check.elapsed() > Duration::from_millis(20) {
                 last_check = Instant::now();
                 self.check_eps();
@@ -388,7 +422,7 @@ impl Worker {
             if busy {
                 continue;
             }
-            if !self.inflight.is_empty() {
+            if !self.inflight.is_empty() || self.eps.values().any(|e| e.connecting.is_some()) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -478,12 +512,13 @@ impl Worker {
         (r.meta.name.clone(), r.meta.instance)
     }
 
-    /// The endpoint to a remote, created on first use (and again after a failure).
-    fn ep(&mut self, r: &Arc<Remote>) -> Result<sys::ucp_ep_h> {
+    /// The endpoint to a remote, created on first use; `None` while it connects (its wire-up
+    /// flush runs), when transfers wait in its queue.
+    fn ep(&mut self, r: &Arc<Remote>) -> Result<Option<sys::ucp_ep_h>> {
         let key = Self::key(r);
         if let Some(e) = self.eps.get(&key) {
             if e.failed.status.load(Ordering::Acquire) == sys::UCS_OK {
-                return Ok(e.ep);
+                return Ok(e.connecting.is_none().then_some(e.ep));
             }
             let s = e.failed.status.load(Ordering::Acquire);
             let msg = format!("UCX endpoint failed: {}", status_str(&self.lib, s));
@@ -530,10 +565,15 @@ impl Worker {
             }
             ep
         };
+        self.next_ep += 1;
+        let id = self.next_ep;
         self.eps.insert(
             key.clone(),
             Ep {
                 ep,
+                id,
+                connecting: Some(Instant::now()),
+                waiting: Vec::new(),
                 rkeys: HashMap::new(),
                 failed,
                 remote: r.clone(),
@@ -542,29 +582,58 @@ impl Worker {
         // Complete the wire-up before anything is posted: a flush of a new endpoint finishes
         // once its lanes are connected (or fails if the peer is gone).
         let flush = *f!(lib, ucp_ep_flush_nbx);
-        // SAFETY: our endpoint; a zeroed param asks for no callback.
+        let user = Box::into_raw(Box::new(Connect {
+            key: key.clone(),
+            id,
+            free: *f!(lib, ucp_request_free),
+            done: self.conn_tx.clone(),
+        }));
+        // SAFETY: our endpoint; the callback receives `user` once.
         let sp = unsafe {
-            let p: sys::ucp_request_param_t = std::mem::zeroed();
+            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
+            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA;
+            p.cb.send = Some(connect_done);
+            p.user_data = user as *mut c_void;
             flush(ep, &p)
         };
-        let s = self.wait_request(sp);
-        let failed = self
-            .eps
-            .get(&key)
-            .map(|e| e.failed.status.load(Ordering::Acquire))
-            .unwrap_or(sys::UCS_OK);
-        let s = if s == sys::UCS_OK { failed } else { s };
-        if s != sys::UCS_OK {
-            let msg = if s == sys::UCS_INPROGRESS {
-                format!("UCX endpoint not connected within {:?}", self.timeout)
-            } else {
-                format!("UCX endpoint failed to connect: {}", status_str(&lib, s))
-            };
-            self.close_ep(&key);
-            self.mark_dead(r, msg.clone());
-            return Err(peer_err(&r.meta.name, msg));
+        if sys::ptr_is_ptr(sp) {
+            return Ok(None);
         }
-        Ok(ep)
+        // Done (or failed) at once: the callback will not run.
+        // SAFETY: reclaim the box the callback would have taken.
+        drop(unsafe { Box::from_raw(user) });
+        self.connected(&key, id, sys::ptr_status(sp));
+        self.ep(r)
+    }
+
+    /// The wire-up flush of endpoint `id` to `key` ended with `s`: its waiting transfers are
+    /// posted, or failed with it.
+    fn connected(&mut self, key: &(String, u64), id: u64, s: sys::ucs_status_t) {
+        let Some(e) = self.eps.get_mut(key).filter(|e| e.id == id) else {
+            return; // closed meanwhile: its waiting transfers were failed then
+        };
+        e.connecting = None;
+        let waiting = std::mem::take(&mut e.waiting);
+        let f = e.failed.status.load(Ordering::Acquire);
+        let remote = e.remote.clone();
+        let s = if s == sys::UCS_OK { f } else { s };
+        if s != sys::UCS_OK {
+            let msg = format!(
+                "UCX endpoint failed to connect: {}",
+                status_str(&self.lib, s)
+            );
+            self.close_ep(key);
+            self.mark_dead(&remote, msg.clone());
+            for x in waiting {
+                x.complete(Err(peer_err(&key.0, msg.clone())));
+            }
+            return;
+        }
+        for x in waiting {
+            if let Err(err) = self.post(&x) {
+                x.complete(Err(err));
+            }
+        }
     }
 
     /// Remembers that the endpoint built from this metadata failed.
@@ -633,7 +702,12 @@ impl Worker {
 
     fn post(&mut self, x: &Arc<XferShared>) -> Result<()> {
         let r = x.remote.clone();
-        let ep = self.ep(&r)?;
+        let Some(ep) = self.ep(&r)? else {
+            if let Some(e) = self.eps.get_mut(&Self::key(&r)) {
+                e.waiting.push(x.clone());
+            }
+            return Ok(());
+        };
         let lib = self.lib.clone();
         let put = *f!(lib, ucp_put_nbx);
         let get = *f!(lib, ucp_get_nbx);
@@ -722,7 +796,10 @@ impl Worker {
         }
         if let Some(m) = x.take_notif() {
             let r = x.remote.clone();
-            match self.ep(&r).and_then(|ep| self.am(ep, &m)) {
+            let ep = self.ep(&r).and_then(|ep| {
+                ep.ok_or_else(|| peer_err(&r.meta.name, "UCX endpoint reconnecting".to_string()))
+            });
+            match ep.and_then(|ep| self.am(ep, &m)) {
                 Ok(()) => {}
                 Err(e) => {
                     x.complete(Err(e));
@@ -777,6 +854,34 @@ impl Worker {
     /// endpoint is force-closed, which completes their flush with an error.
     fn check_eps(&mut self) {
         let now = Instant::now();
+        // Endpoints still connecting after the timeout, or failed meanwhile.
+        let stalled: Vec<_> = self
+            .eps
+            .iter()
+            .filter(|(_, e)| {
+                e.connecting
+                    .is_some_and(|t| now.duration_since(t) > self.timeout)
+                    || (e.connecting.is_some()
+                        && e.failed.status.load(Ordering::Acquire) != sys::UCS_OK)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stalled {
+            let Some(e) = self.eps.get_mut(&key) else {
+                continue;
+            };
+            let waiting = std::mem::take(&mut e.waiting);
+            let remote = e.remote.clone();
+            let why = format!("UCX endpoint not connected within {:?}", self.timeout);
+            self.close_ep(&key);
+            self.mark_dead(&remote, why);
+            for x in waiting {
+                x.complete(Err(Error::Timeout {
+                    peer: key.0.clone(),
+                    after: self.timeout,
+                }));
+            }
+        }
         let mut close = Vec::new();
         for (_, t, key) in &self.inflight {
             let failed = self
@@ -815,6 +920,9 @@ impl Worker {
         let Some(e) = self.eps.remove(key) else {
             return;
         };
+        for x in &e.waiting {
+            x.complete(Err(peer_err(&key.0, "UCX endpoint closed".to_string())));
+        }
         let lib = self.lib.clone();
         // SAFETY: rkeys and the endpoint are ours; force close cancels outstanding operations
         // (their callbacks run with an error during the progress below).

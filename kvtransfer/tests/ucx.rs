@@ -69,6 +69,56 @@ fn ucx_dead_peer_is_not_reconnected() {
     );
 }
 
+/// A peer that stops answering while its endpoint connects holds up no other peer's transfers:
+/// they wait in that endpoint's own queue, not on the agent's progress thread.
+#[test]
+fn ucx_silent_peer_holds_up_no_one() {
+    let net = Net::loopback_ucx();
+    let a = net.agent("ucx-both", Duration::from_secs(3));
+    let buf = kvtransfer::HostBuffer::new(SIZE).unwrap();
+    a.register(&buf).unwrap();
+    let silent = net.peer("ucx-silent", SIZE, &[]);
+    let mut live = net.peer("ucx-live", SIZE, &[]);
+    let n_silent = a.load_remote(&silent.meta).unwrap();
+    let n_live = a.load_remote(&live.meta).unwrap();
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(silent.child.id() as i32, libc::SIGSTOP) };
+    let remote = [(0u64, 1u64 << 20)];
+    let local_silent = [(0u64, 1u64 << 20)];
+    let local_live = [(2u64 << 20, 1u64 << 20)];
+    let read = |local: &[(u64, u64)], name: &str, base: u64| {
+        a.prepare(
+            kvtransfer::Op::Read,
+            &descs(buf.addr(), local),
+            name,
+            &descs(base, &remote),
+            Some(Backend::Ucx),
+        )
+        .unwrap()
+    };
+    let h_silent = read(&local_silent, &n_silent, silent.base);
+    let h_live = read(&local_live, &n_live, live.base);
+    let t = Instant::now();
+    h_silent.post(None).unwrap();
+    h_live.post(None).unwrap();
+    h_live.wait_timeout(WAIT).unwrap();
+    let waited = t.elapsed();
+    assert_eq!(local_sum(&buf, &local_live), live.sum(&remote));
+    assert!(
+        waited < Duration::from_secs(2),
+        "the live peer's READ waited {waited:?} behind the silent peer"
+    );
+    // The silent peer's READ ends either way (process_vm_readv works on a stopped process), and
+    // never with wrong bytes.
+    match h_silent.wait_timeout(Duration::from_secs(10)) {
+        Ok(_) => {}
+        Err(Error::Busy) => panic!("the silent peer's READ neither finished nor failed"),
+        Err(_) => {}
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(silent.child.id() as i32, libc::SIGCONT) };
+}
+
 #[test]
 fn ucx_notification_after_data() {
     let net = Net::loopback_ucx();
