@@ -522,8 +522,7 @@ impl Worker {
             }
             let s = e.failed.status.load(Ordering::Acquire);
             let msg = format!("UCX endpoint failed: {}", status_str(&self.lib, s));
-            self.close_ep(&key);
-            self.mark_dead(r, msg.clone());
+            self.give_up(&key, msg.clone());
             return Err(peer_err(&r.meta.name, msg));
         }
         if let Some((w, why)) = self.dead.get(&key) {
@@ -581,29 +580,46 @@ impl Worker {
         );
         // Complete the wire-up before anything is posted: a flush of a new endpoint finishes
         // once its lanes are connected (or fails if the peer is gone).
-        let flush = *f!(lib, ucp_ep_flush_nbx);
-        let user = Box::into_raw(Box::new(Connect {
+        let connect = Connect {
             key: key.clone(),
             id,
             free: *f!(lib, ucp_request_free),
             done: self.conn_tx.clone(),
-        }));
-        // SAFETY: our endpoint; the callback receives `user` once.
+        };
+        match self.flush(ep, connect, connect_done)? {
+            None => Ok(None),
+            Some(s) => {
+                self.connected(&key, id, s);
+                self.ep(r)
+            }
+        }
+    }
+
+    /// Flushes `ep`; `done` later receives `user` once the flush completes. `Some(status)` if it
+    /// completed (or failed) at once, when `done` never runs and `user` is dropped here.
+    fn flush<T>(
+        &self,
+        ep: sys::ucp_ep_h,
+        user: T,
+        done: extern "C" fn(*mut c_void, sys::ucs_status_t, *mut c_void),
+    ) -> Result<Option<sys::ucs_status_t>> {
+        let flush = *f!(self.lib, ucp_ep_flush_nbx);
+        let user = Box::into_raw(Box::new(user));
+        // SAFETY: our endpoint; the callback receives `user` once; param fields selected by
+        // op_attr_mask.
         let sp = unsafe {
             let mut p: sys::ucp_request_param_t = std::mem::zeroed();
             p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA;
-            p.cb.send = Some(connect_done);
+            p.cb.send = Some(done);
             p.user_data = user as *mut c_void;
             flush(ep, &p)
         };
         if sys::ptr_is_ptr(sp) {
-            return Ok(None);
+            return Ok(None); // the callback releases the request and `user`
         }
-        // Done (or failed) at once: the callback will not run.
-        // SAFETY: reclaim the box the callback would have taken.
+        // SAFETY: the callback will not run: reclaim the box it would have taken.
         drop(unsafe { Box::from_raw(user) });
-        self.connected(&key, id, sys::ptr_status(sp));
-        self.ep(r)
+        Ok(Some(sys::ptr_status(sp)))
     }
 
     /// The wire-up flush of endpoint `id` to `key` ended with `s`: its waiting transfers are
@@ -613,22 +629,19 @@ impl Worker {
             return; // closed meanwhile: its waiting transfers were failed then
         };
         e.connecting = None;
-        let waiting = std::mem::take(&mut e.waiting);
         let f = e.failed.status.load(Ordering::Acquire);
-        let remote = e.remote.clone();
         let s = if s == sys::UCS_OK { f } else { s };
         if s != sys::UCS_OK {
             let msg = format!(
                 "UCX endpoint failed to connect: {}",
                 status_str(&self.lib, s)
             );
-            self.close_ep(key);
-            self.mark_dead(&remote, msg.clone());
-            for x in waiting {
+            for x in self.give_up(key, msg.clone()) {
                 x.complete(Err(peer_err(&key.0, msg.clone())));
             }
             return;
         }
+        let waiting = std::mem::take(&mut e.waiting);
         for x in waiting {
             if let Err(err) = self.post(&x) {
                 x.complete(Err(err));
@@ -636,9 +649,17 @@ impl Worker {
         }
     }
 
-    /// Remembers that the endpoint built from this metadata failed.
-    fn mark_dead(&mut self, r: &Arc<Remote>, why: String) {
-        self.dead.insert(Self::key(r), (Arc::downgrade(r), why));
+    /// Closes the endpoint to `key` for good: no endpoint is built again from the metadata it
+    /// was built from (see the module docs). Returns the transfers that waited for it to connect.
+    fn give_up(&mut self, key: &(String, u64), why: String) -> Vec<Arc<XferShared>> {
+        let Some(e) = self.eps.get_mut(key) else {
+            return Vec::new();
+        };
+        let waiting = std::mem::take(&mut e.waiting);
+        let remote = Arc::downgrade(&e.remote);
+        self.close_ep(key);
+        self.dead.insert(key.clone(), (remote, why));
+        waiting
     }
 
     /// Waits (progressing the worker) for a request UCX returned, at most the agent's
@@ -712,7 +733,6 @@ impl Worker {
         let put = *f!(lib, ucp_put_nbx);
         let get = *f!(lib, ucp_get_nbx);
         let free = *f!(lib, ucp_request_free);
-        let flush = *f!(lib, ucp_ep_flush_nbx);
         let mut last_region = u32::MAX;
         let mut rk: sys::ucp_rkey_h = std::ptr::null_mut();
         for (i, (l, rm)) in x.local.iter().zip(&x.remote_segs).enumerate() {
@@ -742,29 +762,16 @@ impl Worker {
             }
         }
         // The flush completes once every put/get completed (remotely visible for puts).
-        let user = Box::into_raw(Box::new(Flush {
+        let flush = Flush {
             x: x.clone(),
             free,
             done: self.done_tx.clone(),
-        }));
-        // SAFETY: the callback receives `user` once; param fields selected by op_attr_mask.
-        let sp = unsafe {
-            let mut p: sys::ucp_request_param_t = std::mem::zeroed();
-            p.op_attr_mask = sys::UCP_OP_ATTR_FIELD_CALLBACK | sys::UCP_OP_ATTR_FIELD_USER_DATA;
-            p.cb.send = Some(flush_done);
-            p.user_data = user as *mut c_void;
-            flush(ep, &p)
         };
-        if sys::ptr_is_ptr(sp) {
-            // The callback releases the request.
-            self.inflight
-                .push((x.clone(), Instant::now(), Self::key(&r)));
-        } else {
-            // Completed (or failed) at once: the callback will not run.
-            // SAFETY: reclaim the box the callback would have taken.
-            drop(unsafe { Box::from_raw(user) });
-            let s = sys::ptr_status(sp);
-            self.finish(x, s);
+        match self.flush(ep, flush, flush_done)? {
+            None => self
+                .inflight
+                .push((x.clone(), Instant::now(), Self::key(&r))),
+            Some(s) => self.finish(x, s),
         }
         Ok(())
     }
@@ -796,9 +803,13 @@ impl Worker {
         }
         if let Some(m) = x.take_notif() {
             let r = x.remote.clone();
-            let ep = self.ep(&r).and_then(|ep| {
-                ep.ok_or_else(|| peer_err(&r.meta.name, "UCX endpoint reconnecting".to_string()))
-            });
+            // The endpoint the transfer went over (still there: its flush just succeeded).
+            let ep = self
+                .eps
+                .get(&Self::key(&r))
+                .filter(|e| e.connecting.is_none())
+                .map(|e| e.ep)
+                .ok_or_else(|| peer_err(&r.meta.name, "UCX endpoint closed".to_string()));
             match ep.and_then(|ep| self.am(ep, &m)) {
                 Ok(()) => {}
                 Err(e) => {
@@ -854,28 +865,19 @@ impl Worker {
     /// endpoint is force-closed, which completes their flush with an error.
     fn check_eps(&mut self) {
         let now = Instant::now();
-        // Endpoints still connecting after the timeout, or failed meanwhile.
+        // Endpoints still connecting after the timeout.
         let stalled: Vec<_> = self
             .eps
             .iter()
             .filter(|(_, e)| {
                 e.connecting
                     .is_some_and(|t| now.duration_since(t) > self.timeout)
-                    || (e.connecting.is_some()
-                        && e.failed.status.load(Ordering::Acquire) != sys::UCS_OK)
             })
             .map(|(k, _)| k.clone())
             .collect();
         for key in stalled {
-            let Some(e) = self.eps.get_mut(&key) else {
-                continue;
-            };
-            let waiting = std::mem::take(&mut e.waiting);
-            let remote = e.remote.clone();
             let why = format!("UCX endpoint not connected within {:?}", self.timeout);
-            self.close_ep(&key);
-            self.mark_dead(&remote, why);
-            for x in waiting {
+            for x in self.give_up(&key, why) {
                 x.complete(Err(Error::Timeout {
                     peer: key.0.clone(),
                     after: self.timeout,
@@ -884,29 +886,32 @@ impl Worker {
         }
         let mut close = Vec::new();
         for (_, t, key) in &self.inflight {
-            let failed = self
-                .eps
-                .get(key)
-                .map(|e| e.failed.status.load(Ordering::Acquire) != sys::UCS_OK)
-                .unwrap_or(true);
-            if failed || now.duration_since(*t) > self.timeout {
-                close.push(key.clone());
+            // An endpoint closed meanwhile counts as failed.
+            let failed = match self.eps.get(key) {
+                None => Some(sys::UCS_ERR_CANCELED),
+                Some(e) => Some(e.failed.status.load(Ordering::Acquire)),
+            }
+            .filter(|&s| s != sys::UCS_OK);
+            if let Some(s) = failed {
+                close.push((
+                    key.clone(),
+                    format!("UCX endpoint failed: {}", status_str(&self.lib, s)),
+                ));
+            } else if now.duration_since(*t) > self.timeout {
+                let why = format!("UCX transfer made no progress for {:?}", self.timeout);
+                close.push((key.clone(), why));
             }
         }
-        for key in close {
-            self.close_ep(&key);
+        for (key, why) in close {
+            let mut stuck = self.give_up(&key, why);
             // Whatever is still in flight on it has failed.
-            let stuck: Vec<_> = self
-                .inflight
-                .iter()
-                .filter(|(_, _, k)| *k == key)
-                .map(|(x, _, _)| x.clone())
-                .collect();
+            stuck.extend(
+                self.inflight
+                    .iter()
+                    .filter(|(_, _, k)| *k == key)
+                    .map(|(x, _, _)| x.clone()),
+            );
             self.inflight.retain(|(_, _, k)| *k != key);
-            if let Some(x) = stuck.first() {
-                let why = format!("UCX transfer made no progress for {:?}", self.timeout);
-                self.mark_dead(&x.remote.clone(), why);
-            }
             for x in stuck {
                 x.complete(Err(Error::Timeout {
                     peer: key.0.clone(),
