@@ -77,7 +77,7 @@ fn ucx_silent_peer_holds_up_no_one() {
     let a = net.agent("ucx-both", Duration::from_secs(3));
     let buf = kvtransfer::HostBuffer::new(SIZE).unwrap();
     a.register(&buf).unwrap();
-    let silent = net.peer("ucx-silent", SIZE, &[]);
+    let mut silent = net.peer("ucx-silent", SIZE, &[]);
     let mut live = net.peer("ucx-live", SIZE, &[]);
     let n_silent = a.load_remote(&silent.meta).unwrap();
     let n_live = a.load_remote(&live.meta).unwrap();
@@ -110,13 +110,14 @@ fn ucx_silent_peer_holds_up_no_one() {
     );
     // The silent peer's READ ends either way (process_vm_readv works on a stopped process), and
     // never with wrong bytes.
-    match h_silent.wait_timeout(Duration::from_secs(10)) {
-        Ok(_) => {}
+    let r = h_silent.wait_timeout(Duration::from_secs(10));
+    // SAFETY: as above.
+    unsafe { libc::kill(silent.child.id() as i32, libc::SIGCONT) };
+    match r {
+        Ok(_) => assert_eq!(local_sum(&buf, &local_silent), silent.sum(&remote)),
         Err(Error::Busy) => panic!("the silent peer's READ neither finished nor failed"),
         Err(_) => {}
     }
-    // SAFETY: as above.
-    unsafe { libc::kill(silent.child.id() as i32, libc::SIGCONT) };
 }
 
 #[test]
