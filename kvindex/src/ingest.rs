@@ -31,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 
 use crate::backend::IndexBackend;
-use crate::codec::decode_batch;
+use crate::codec::{decode_batch, BatchDecoder};
 use crate::event::{BlockStored, EngineHash, EventBatch, KvEvent};
 use crate::index::{EngineId, EngineSpec};
 use crate::{IndexError, Result};
@@ -161,7 +161,7 @@ impl StreamTracker {
     pub fn on_message(
         &mut self,
         seq: u64,
-        batch: Result<EventBatch>,
+        batch: Result<&EventBatch>,
         replay: &mut dyn FnMut(u64) -> Option<Replayed>,
     ) -> Result<()> {
         if self.dropped {
@@ -214,6 +214,7 @@ impl StreamTracker {
         self.status.replays += 1;
         let mut next = from;
         if let Some(batches) = replay(from) {
+            let mut decoder = BatchDecoder::new();
             for (seq, payload) in batches {
                 if seq < next || seq >= to {
                     continue;
@@ -222,7 +223,7 @@ impl StreamTracker {
                     self.status.lost_batches += seq - next;
                 }
                 if self
-                    .apply_decoded(seq, decode_batch(&payload), &mut |_| None)
+                    .apply_decoded(seq, decoder.decode(&payload), &mut |_| None)
                     .is_ok()
                 {
                     self.status.replayed_batches += 1;
@@ -238,7 +239,7 @@ impl StreamTracker {
     fn apply_decoded(
         &mut self,
         seq: u64,
-        batch: Result<EventBatch>,
+        batch: Result<&EventBatch>,
         replay: &mut dyn FnMut(u64) -> Option<Replayed>,
     ) -> Result<()> {
         let batch = match batch {
@@ -250,7 +251,7 @@ impl StreamTracker {
                 return Err(e);
             }
         };
-        let report = self.backend.apply_at(self.engine, seq, &batch)?;
+        let report = self.backend.apply_at(self.engine, seq, batch)?;
         self.status.batches += 1;
         self.status.events += batch.events.len() as u64;
         self.status.last_seq = Some(seq);
@@ -588,6 +589,8 @@ static MONITOR_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::
 impl Worker {
     fn run(self) {
         let mut trackers: HashMap<StreamKey, StreamTracker> = HashMap::new();
+        // One decoder for the socket's batches: their memory is reused from one to the next.
+        let mut decoder = BatchDecoder::new();
         while !self.stop.load(Ordering::Relaxed) {
             let mut items = [
                 self.sub.as_poll_item(zmq::POLLIN),
@@ -621,7 +624,7 @@ impl Worker {
             let mut seq_bytes = [0u8; 8];
             seq_bytes.copy_from_slice(&frames[1]);
             let seq = u64::from_be_bytes(seq_bytes);
-            let batch = decode_batch(&frames[2]);
+            let batch = decoder.decode(&frames[2]);
             let rank = batch
                 .as_ref()
                 .ok()

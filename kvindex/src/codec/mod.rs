@@ -72,25 +72,98 @@ fn be<const N: usize>(buf: &[u8], pos: usize) -> Option<[u8; N]> {
 /// The whole buffer must be exactly one batch: trailing bytes are an error. Events of an unknown
 /// type are dropped from the result (see the module documentation for everything accepted).
 pub fn decode_batch(buf: &[u8]) -> Result<EventBatch> {
+    let mut out = EventBatch::default();
+    decode_into(buf, &mut out, &mut Buffers::default())?;
+    Ok(out)
+}
+
+/// Block-hash and token buffers of earlier events, for later events to reuse.
+#[derive(Default)]
+struct Buffers {
+    hashes: Vec<Vec<EngineHash>>,
+    tokens: Vec<Vec<u32>>,
+}
+
+impl Buffers {
+    /// Keeps the buffers of `ev` for reuse (emptied: an event that lacks the field must not
+    /// inherit an earlier event's contents).
+    fn keep(&mut self, ev: KvEvent) {
+        match ev {
+            KvEvent::BlockStored(s) => {
+                self.put_hashes(s.block_hashes);
+                self.put_tokens(s.token_ids);
+            }
+            KvEvent::BlockRemoved(r) => self.put_hashes(r.block_hashes),
+            KvEvent::AllBlocksCleared => {}
+        }
+    }
+
+    fn put_hashes(&mut self, mut v: Vec<EngineHash>) {
+        if v.capacity() > 0 {
+            v.clear();
+            self.hashes.push(v);
+        }
+    }
+
+    fn put_tokens(&mut self, mut v: Vec<u32>) {
+        if v.capacity() > 0 {
+            v.clear();
+            self.tokens.push(v);
+        }
+    }
+}
+
+/// Decodes batch after batch into the same memory, as an ingestion loop does: the event list
+/// and every event's hash and token buffers are reused, so a steady stream of batches decodes
+/// without allocating (vLLM sends one `BlockRemoved` per evicted block, thousands a second).
+/// Decodes exactly what [`decode_batch`] decodes.
+#[derive(Default)]
+pub struct BatchDecoder {
+    batch: EventBatch,
+    buffers: Buffers,
+}
+
+impl BatchDecoder {
+    /// A decoder holding no memory yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Decodes one batch; it stays valid until the next call. On error the decoder stays
+    /// usable (the partial batch is dropped).
+    pub fn decode(&mut self, buf: &[u8]) -> Result<&EventBatch> {
+        for ev in self.batch.events.drain(..) {
+            self.buffers.keep(ev);
+        }
+        match decode_into(buf, &mut self.batch, &mut self.buffers) {
+            Ok(()) => Ok(&self.batch),
+            Err(e) => {
+                for ev in self.batch.events.drain(..) {
+                    self.buffers.keep(ev);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Decodes `buf` into `out` (whose event list is empty), taking buffers from `bufs`.
+fn decode_into(buf: &[u8], out: &mut EventBatch, bufs: &mut Buffers) -> Result<()> {
     let mut r = Reader { buf, pos: 0 };
     let n = r.array_len()?;
     if n < 2 {
         return Err(err(0, "batch array has fewer than 2 elements"));
     }
-    let ts = r.f64()?;
-    let events = r.events()?;
-    let data_parallel_rank = if n >= 3 { r.opt_i64()? } else { None };
+    out.ts = r.f64()?;
+    r.events(&mut out.events, bufs)?;
+    out.data_parallel_rank = if n >= 3 { r.opt_i64()? } else { None };
     for _ in 3..n {
         r.skip_value()?;
     }
     if r.pos != buf.len() {
         return Err(err(r.pos, "trailing bytes after batch"));
     }
-    Ok(EventBatch {
-        ts,
-        events,
-        data_parallel_rank,
-    })
+    Ok(())
 }
 
 /// The type tag of an event.
@@ -716,12 +789,16 @@ impl<'a> Reader<'a> {
     /// Each event is decoded in place into a `BlockStored` pushed onto the vector (the struct is
     /// large; building it elsewhere and moving it in costs several copies per event), which is
     /// then turned into the event its tag names.
-    fn events(&mut self) -> Result<Vec<KvEvent>> {
+    fn events(&mut self, events: &mut Vec<KvEvent>, bufs: &mut Buffers) -> Result<()> {
         let n = self.array_len()?;
-        let mut events = Vec::with_capacity(n.min(self.remaining() / MIN_EVENT_BYTES));
+        events.reserve(n.min(self.remaining() / MIN_EVENT_BYTES));
         for _ in 0..n {
             let start = self.pos;
-            events.push(KvEvent::BlockStored(BlockStored::default()));
+            events.push(KvEvent::BlockStored(BlockStored {
+                block_hashes: bufs.hashes.pop().unwrap_or_default(),
+                token_ids: bufs.tokens.pop().unwrap_or_default(),
+                ..BlockStored::default()
+            }));
             let Some(slot) = events.last_mut() else {
                 return Err(err(start, "internal error: event slot missing")); // unreachable
             };
@@ -751,6 +828,7 @@ impl<'a> Reader<'a> {
                         return Err(err(start, "BlockRemoved has no block_hashes"));
                     }
                     let acc = std::mem::take(acc);
+                    bufs.put_tokens(acc.token_ids);
                     *slot = KvEvent::BlockRemoved(BlockRemoved {
                         block_hashes: acc.block_hashes,
                         medium: acc.medium,
@@ -759,13 +837,15 @@ impl<'a> Reader<'a> {
                         ownership: acc.ownership,
                     });
                 }
-                Tag::Cleared => *slot = KvEvent::AllBlocksCleared,
+                Tag::Cleared => bufs.keep(std::mem::replace(slot, KvEvent::AllBlocksCleared)),
                 Tag::Unknown => {
-                    events.pop();
+                    if let Some(ev) = events.pop() {
+                        bufs.keep(ev);
+                    }
                 }
             }
         }
-        Ok(events)
+        Ok(())
     }
 
     /// A tagged-map event, read into `acc`; returns its tag and the fields seen.

@@ -1183,6 +1183,26 @@ proptest! {
     }
 
     #[test]
+    fn prop_reusing_decoder_decodes_like_a_fresh_one(
+        stream in vec((batch_s(), any::<bool>(), any::<prop::sample::Index>(), any::<bool>()), 1..8),
+    ) {
+        // Batches in both forms, some cut short (an error mid-stream), through one decoder: each
+        // decodes exactly as `decode_batch` decodes it, whatever came before.
+        let mut dec = BatchDecoder::new();
+        for (batch, legacy, cut, truncate) in stream {
+            let mut enc = if legacy { encode_legacy(&batch) } else { encode(&batch) };
+            if truncate {
+                enc.truncate(cut.index(enc.len()));
+            }
+            match (decode_batch(&enc), dec.decode(&enc)) {
+                (Ok(a), Ok(b)) => prop_assert!(same(&a, b), "{:?} != {:?}", a, b),
+                (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                (a, b) => prop_assert!(false, "fresh {:?}, reused {:?}", a, b),
+            }
+        }
+    }
+
+    #[test]
     fn prop_random_bytes_never_panic(buf in vec(any::<u8>(), 0..600)) {
         check_reencode(&buf)?;
     }
