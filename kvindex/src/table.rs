@@ -112,6 +112,21 @@ unsafe impl Send for SlotBuf {}
 // SAFETY: as above; all access goes through the slots' atomics.
 unsafe impl Sync for SlotBuf {}
 
+/// Hints the CPU to fetch the cache line at `p` (any address: a prefetch never faults).
+#[inline]
+pub(crate) fn prefetch_line<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unsafe_code)]
+    // SAFETY: `_mm_prefetch` only needs SSE, which every x86-64 CPU has; a prefetch is a hint
+    // that never faults, whatever the address, and writes nothing.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The writer's bookkeeping for a table (kept outside it, under the writer's lock).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Occupancy {

@@ -799,6 +799,11 @@ impl<'a> Reader<'a> {
                 token_ids: bufs.tokens.pop().unwrap_or_default(),
                 ..BlockStored::default()
             }));
+            // The next event's hash buffer is cold by now (a batch was applied since it was
+            // last written): fetch it while this event decodes.
+            if let Some(next) = bufs.hashes.last() {
+                crate::table::prefetch_line(next.as_ptr());
+            }
             let Some(slot) = events.last_mut() else {
                 return Err(err(start, "internal error: event slot missing")); // unreachable
             };

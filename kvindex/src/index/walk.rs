@@ -2,20 +2,22 @@
 //! 32 at a time as bit masks, with the next blocks' slots prefetched ahead.
 //!
 //! Where an 8k-token query's time goes (`benches/run index --quick --only-kvindex`, 64 engines,
-//! a 72 MB index, the development VM): hashing the prompt's tokens 6.3–6.8 µs (2.0 µs when the
-//! tokens are already in cache: the rest is reading them from memory), the walk of its ~500
-//! matched blocks given the keys 15.6–16.7 µs, of which 2.7 µs does not depend on the length.
-//! The same walk repeated on one prompt, its slots in cache, takes 8.4 µs: about 11 ns a block
-//! is work, the rest waits for memory. On that machine random cache lines come at 8–12 ns each
-//! with any prefetch distance (a separate test over 64–128 MB), and a block costs one or two
-//! lines. Prefetching 12, 20 or 32 blocks ahead, one line a block or two, made no difference;
-//! 128-byte buckets were slower (20–21 µs). A profile of the quick benchmark's queries (`perf
-//! record`, `KVINDEX_QUERY_LOOPS=15`) puts about 38% of the walk's samples on the instructions
-//! right after its prefetches: the walk waits for memory there (the table was on transparent huge
-//! pages, so not for page walks); one prefetched line a key instead of two again changed nothing.
-//! Full run of 2026-12-07: p99 214 µs and 8k p99 35.9 µs against dynamo's compressed radix tree
-//! at 89.0 and 17.3, whose long shared prefixes sit in one node as contiguous hashes, where this
-//! table costs a random cache line a block.
+//! a 72 MB index, the development VM): hashing the prompt's tokens 6.3–7.1 µs (2.0 µs when the
+//! tokens are already in cache: the rest is reading them from memory), the walk of its ~490
+//! matched blocks given the keys 16.5 µs, of which 2.7 µs does not depend on the length. The walk
+//! is bound by how many random cache lines it fetches: profiles put its time on the loads of
+//! slots and on the prefetch instructions themselves (which stall once every line-fill buffer is
+//! taken), and random lines come at 20–24 ns each on that machine when fetched one per key,
+//! against 30–40 ns a key for two. So each key prefetches only its home bucket (one line): the
+//! walk given the keys went from 20.6–21.6 µs (home bucket and the one after) to 16.5 µs, and a
+//! key whose slots run past its bucket reads the next line on demand.
+//!
+//! Tried and measured slower, 2026-12-07: placing the four blocks of a chain segment in one
+//! window of two to four lines (keys carrying their segment's anchor bits, a window per anchor
+//! bucket, a fallback home when the window is full). Segments took 1.3 lines on average, but
+//! the window scans cost more than the lines saved (walk 19–22 µs, ingest 35% slower, with
+//! ~9% of windows overflowing at 70% load). Earlier: prefetching 12, 20 or 32 blocks ahead made
+//! no difference; 128-byte buckets were slower (20–21 µs).
 
 use super::*;
 use crate::table::Hits;
@@ -192,7 +194,7 @@ pub(super) fn walk_chain(
             match key_of(produced) {
                 Some(k) => {
                     ring[produced % RING] = k;
-                    blocks.prefetch_probe(k);
+                    blocks.prefetch(k);
                     produced += 1;
                 }
                 None => {
