@@ -135,6 +135,14 @@ struct Lat {
     p99: f64,
 }
 
+/// A count from the environment variable `name` (for profiling runs), else `default`.
+fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     pct(&v, 0.5)
@@ -318,10 +326,7 @@ fn main() {
     if a.only_kvindex {
         // Where an 8k query's time goes: hashing the tokens alone, and the walk given the keys.
         // KVINDEX_QUERY_LOOPS=N repeats the query passes N more times first (for a profiler).
-        let loops: usize = std::env::var("KVINDEX_QUERY_LOOPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let loops = env_count("KVINDEX_QUERY_LOOPS", 0);
         for _ in 0..loops {
             let _ = time_queries(&sample_s, &mut ours_q);
             let _ = time_queries(&long, &mut ours_q);
@@ -360,10 +365,7 @@ fn main() {
         let walk = by_keys(usize::MAX);
         // The same walk with its slots in cache (each prompt walked twice, the second timed).
         let mut cached = Vec::new();
-        let reps: usize = std::env::var("KVINDEX_CACHED_LOOPS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
+        let reps = env_count("KVINDEX_CACHED_LOOPS", 1);
         for k in keys.iter().cycle().take(keys.len() * reps) {
             let q = Query {
                 namespace: &ns,

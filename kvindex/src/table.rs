@@ -259,17 +259,7 @@ impl Table {
     /// it.
     #[inline]
     pub fn prefetch_slot(&self, idx: usize) {
-        let slot = &self.slots[self.wrap(idx)];
-        #[cfg(target_arch = "x86_64")]
-        #[allow(unsafe_code)]
-        // SAFETY: `_mm_prefetch` only needs SSE, which every x86-64 CPU has; a prefetch is a
-        // hint that never faults and writes nothing, and the address is a live slot anyway.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(std::ptr::from_ref(slot).cast::<i8>());
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = slot;
+        prefetch_line(std::ptr::from_ref(&self.slots[self.wrap(idx)]));
     }
 
     /// Reader: the slots holding `key`, in probe order, into `hits`; the probe stops after a

@@ -9,6 +9,24 @@ use common::scenarios::*;
 use common::*;
 use kvtransfer::{Agent, AgentConfig, Backend, Error};
 
+/// A transfer over UCX between `(base, pieces)` here and `(base, pieces)` on peer `name`.
+fn ucx_xfer(
+    a: &Agent,
+    op: kvtransfer::Op,
+    local: (u64, &[(u64, u64)]),
+    name: &str,
+    remote: (u64, &[(u64, u64)]),
+) -> kvtransfer::XferHandle {
+    a.prepare(
+        op,
+        &descs(local.0, local.1),
+        name,
+        &descs(remote.0, remote.1),
+        Some(Backend::Ucx),
+    )
+    .unwrap()
+}
+
 #[test]
 fn ucx_random_descriptor_lists() {
     random_lists(&Net::loopback_ucx(), Backend::Ucx, 10_000, 31);
@@ -40,15 +58,13 @@ fn ucx_dead_peer_is_not_reconnected() {
     let mut p = net.peer("ucx-dying", SIZE, &[]);
     let name = a.load_remote(&p.meta).unwrap();
     let pieces: Vec<(u64, u64)> = (0..256u64).map(|i| (i * 16384, 16384)).collect();
-    let h = a
-        .prepare(
-            kvtransfer::Op::Read,
-            &descs(buf.addr(), &pieces),
-            &name,
-            &descs(p.base, &pieces),
-            Some(Backend::Ucx),
-        )
-        .unwrap();
+    let h = ucx_xfer(
+        &a,
+        kvtransfer::Op::Read,
+        (buf.addr(), &pieces),
+        &name,
+        (p.base, &pieces),
+    );
     h.post(None).unwrap();
     h.wait_timeout(WAIT).unwrap();
     assert_eq!(local_sum(&buf, &pieces), p.sum(&pieces));
@@ -87,14 +103,13 @@ fn ucx_silent_peer_holds_up_no_one() {
     let local_silent = [(0u64, 1u64 << 20)];
     let local_live = [(2u64 << 20, 1u64 << 20)];
     let read = |local: &[(u64, u64)], name: &str, base: u64| {
-        a.prepare(
+        ucx_xfer(
+            &a,
             kvtransfer::Op::Read,
-            &descs(buf.addr(), local),
+            (buf.addr(), local),
             name,
-            &descs(base, &remote),
-            Some(Backend::Ucx),
+            (base, &remote),
         )
-        .unwrap()
     };
     let h_silent = read(&local_silent, &n_silent, silent.base);
     let h_live = read(&local_live, &n_live, live.base);
@@ -130,15 +145,13 @@ fn ucx_notification_after_data() {
     let mut p = net.peer("ucx-target", SIZE, &[]);
     let name = a.load_remote(&p.meta).unwrap();
     let pieces = [(0u64, 4u64 << 20), (5 << 20, 4096)];
-    let h = a
-        .prepare(
-            kvtransfer::Op::Write,
-            &descs(buf.addr(), &pieces),
-            &name,
-            &descs(p.base, &pieces),
-            Some(Backend::Ucx),
-        )
-        .unwrap();
+    let h = ucx_xfer(
+        &a,
+        kvtransfer::Op::Write,
+        (buf.addr(), &pieces),
+        &name,
+        (p.base, &pieces),
+    );
     h.post(Some(b"ucx-done")).unwrap();
     assert_eq!(h.wait_timeout(WAIT).unwrap().backend, Backend::Ucx);
     let deadline = Instant::now() + WAIT;
