@@ -326,7 +326,7 @@ fn main() {
         )
         .expect("prepare");
     let tcp_contig_gbps = gbps(&tcp_contig, reps);
-    // The UCX backend on the same transfers (UCX picks shared memory / cma here).
+    // The UCX backend on the same transfers (TCP here: kvtransfer's active-message data path).
     let ucx_contig = a
         .prepare(
             Op::Write,

@@ -31,6 +31,23 @@ pub struct AgentConfig {
     /// Enables the UCX backend (libucp >= 1.22 loaded at run time; `Agent::new` fails with a
     /// clear message when it cannot be loaded).
     pub ucx: bool,
+    /// How the UCX backend moves data (see [`UcxData`]).
+    pub ucx_data: UcxData,
+}
+
+/// How the UCX backend moves data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UcxData {
+    /// UCX put/get where the endpoint has a transport with native RMA (RDMA, or a same-host
+    /// one), kvtransfer's own active messages elsewhere (TCP only).
+    #[default]
+    Auto,
+    /// UCX put/get on every endpoint. Without native RMA UCX emulates them in software, and
+    /// UCX 1.22 then aborts a target whose initiator dies with a request in flight.
+    Rma,
+    /// kvtransfer's active messages on every endpoint: the target copies each chunk in after
+    /// checking it against its registered regions.
+    ActiveMessages,
 }
 
 impl AgentConfig {
@@ -43,6 +60,7 @@ impl AgentConfig {
             threads: 2,
             shm: true,
             ucx: false,
+            ucx_data: UcxData::Auto,
         }
     }
 }

@@ -41,7 +41,7 @@ mod ucx;
 mod wire;
 mod xfer;
 
-pub use agent::{Agent, AgentConfig, Notif};
+pub use agent::{Agent, AgentConfig, Notif, UcxData};
 pub use desc::{Desc, DescList, MemKind};
 pub use error::{Error, Result};
 pub use mem::{HostBuffer, RegionId};

@@ -1,14 +1,23 @@
-//! The UCX backend: UCP RMA (put/get with remote keys) for data, active messages for
-//! notifications, one progress thread per agent that owns the UCP worker.
+//! The UCX backend: data by UCP RMA (put/get with remote keys) where an endpoint has a
+//! transport with native RMA, by kvtransfer's own active messages elsewhere ([`am`]);
+//! notifications by active message; one progress thread per agent that owns the UCP worker.
 //!
 //! `libucp` (UCX >= 1.22) is opened at run time through `kvmesh-ucx-sys`; an agent created with
 //! [`AgentConfig::ucx`](crate::AgentConfig::ucx) fails with a clear message when it is missing.
-//! UCX picks the transports (rc/dc with RDMA hardware; tcp, posix/sysv shared memory and cma
-//! otherwise; `UCX_TLS` narrows them).
+//! UCX picks the transports (rc/dc with RDMA hardware; tcp otherwise: with peer-failure
+//! handling on, which kvtransfer needs, UCX leaves out the same-host shared-memory and cma
+//! transports; `UCX_TLS` narrows them).
 //!
-//! A WRITE posts one put per segment and then flushes the endpoint: when the flush completes,
-//! the data is visible at the target, and only then is the notification sent (an eager active
-//! message on the same endpoint). A READ posts gets and flushes likewise. Peer failures reach
+//! Which data path an endpoint takes is decided once its wire-up completed, from the
+//! transports UCX chose for it ([`AgentConfig::ucx_data`](crate::AgentConfig::ucx_data) can
+//! force either). Without native RMA, UCX would emulate put/get with messages that UCX itself
+//! answers on the target, and UCX 1.22 aborts the target process when such an answer fails
+//! because the initiator died; the active-message path has no such answers (see [`am`]).
+//!
+//! On the RMA path a WRITE posts one put per segment and then flushes the endpoint: when the
+//! flush completes, the data is visible at the target, and only then is the notification sent
+//! (an eager active message on the same endpoint). A READ posts gets and flushes likewise. On
+//! the active-message path the target's ack plays the flush's part. Peer failures reach
 //! in-flight transfers through the endpoint's error handler; a transfer that makes no progress
 //! for the agent's timeout has its endpoint force-closed, which fails it.
 //!
@@ -28,11 +37,12 @@ use std::time::{Duration, Instant};
 
 use kvmesh_ucx_sys as sys;
 
-use crate::agent::{Inner, Notif, Remote};
+use crate::agent::{Inner, Remote, UcxData};
 use crate::error::{peer_err, Error, Result};
 use crate::xfer::{Op, XferShared};
 
-const AM_NOTIF: u32 = 7;
+mod am;
+use am::AM_NOTIF;
 
 fn status_str(lib: &sys::Ucp, s: sys::ucs_status_t) -> String {
     match lib.ucs_status_string.as_ref() {
@@ -189,6 +199,8 @@ struct Ep {
     /// Transfers posted while the endpoint connects.
     waiting: Vec<Arc<XferShared>>,
     rkeys: HashMap<u32, sys::ucp_rkey_h>,
+    /// Transfers go by UCX put/get (else by kvtransfer's active messages, see `am`).
+    rma: bool,
     failed: Box<EpFailure>,
     remote: Arc<Remote>,
 }
@@ -229,7 +241,11 @@ struct Worker {
     conn_rx: crossbeam_channel::Receiver<((String, u64), u64, sys::ucs_status_t)>,
     next_ep: u64,
     timeout: Duration,
-    am_arg: *mut Weak<Inner>,
+    am: *mut am::AmState,
+    /// Id of the next post on the active-message path.
+    next_seq: u64,
+    /// The data path the agent's configuration forces (`Some(true)`: RMA).
+    force_rma: Option<bool>,
     name: String,
     mapped: std::collections::HashSet<usize>,
 }
@@ -254,44 +270,6 @@ extern "C" fn connect_done(req: *mut c_void, status: sys::ucs_status_t, user: *m
     // SAFETY: the flush request UCX handed back at post; released once, here.
     unsafe { (c.free)(req) };
     let _ = c.done.send((c.key, c.id, status));
-}
-
-extern "C" fn am_recv(
-    arg: *mut c_void,
-    header: *const c_void,
-    header_length: usize,
-    data: *mut c_void,
-    length: usize,
-    param: *const sys::ucp_am_recv_param_t,
-) -> sys::ucs_status_t {
-    // SAFETY: arg is the Box<Weak<Inner>> the worker owns; param is valid during the call.
-    let (inner, attr) = unsafe { (&*(arg as *const Weak<Inner>), (*param).recv_attr) };
-    if attr & (sys::UCP_AM_RECV_ATTR_FLAG_RNDV as u64) != 0 {
-        // Notifications are sent eager; a rendezvous one is not ours.
-        return sys::UCS_OK;
-    }
-    // SAFETY: UCX passes header/data buffers valid for the given lengths during the call.
-    let (h, d) = unsafe {
-        (
-            if header_length == 0 {
-                &[][..]
-            } else {
-                std::slice::from_raw_parts(header as *const u8, header_length)
-            },
-            if length == 0 {
-                &[][..]
-            } else {
-                std::slice::from_raw_parts(data as *const u8, length)
-            },
-        )
-    };
-    if let Some(i) = inner.upgrade() {
-        i.push_notif(Notif {
-            from: String::from_utf8_lossy(h).into_owned(),
-            msg: d.to_vec(),
-        });
-    }
-    sys::UCS_OK
 }
 
 impl Worker {
@@ -351,18 +329,20 @@ impl Worker {
             let addr =
                 std::slice::from_raw_parts(attr.address as *const u8, attr.address_length).to_vec();
             f!(lib, ucp_worker_release_address)(worker, attr.address);
-            let am_arg = Box::into_raw(Box::new(inner));
-            let mut hp: sys::ucp_am_handler_param_t = std::mem::zeroed();
-            hp.field_mask = (sys::UCP_AM_HANDLER_PARAM_FIELD_ID
-                | sys::UCP_AM_HANDLER_PARAM_FIELD_CB
-                | sys::UCP_AM_HANDLER_PARAM_FIELD_ARG) as u64;
-            hp.id = AM_NOTIF;
-            hp.cb = Some(am_recv);
-            hp.arg = am_arg as *mut c_void;
-            let s = f!(lib, ucp_worker_set_am_recv_handler)(worker, &hp);
-            if s != sys::UCS_OK {
-                drop(Box::from_raw(am_arg));
-                return Err(fail("ucp_worker_set_am_recv_handler", s));
+            let force_rma = match inner.upgrade().map(|i| i.cfg.ucx_data) {
+                Some(UcxData::Rma) => Some(true),
+                Some(UcxData::ActiveMessages) => Some(false),
+                Some(UcxData::Auto) | None => None,
+            };
+            let am = Box::into_raw(Box::new(am::AmState::new(lib.clone(), inner)));
+            if let Err(msg) = am::set_handlers(&lib, worker, am) {
+                f!(lib, ucp_worker_destroy)(worker);
+                f!(lib, ucp_cleanup)(ctx);
+                drop(Box::from_raw(am));
+                return Err(Error::Unavailable {
+                    backend: "ucx",
+                    msg,
+                });
             }
             let (done_tx, done_rx) = crossbeam_channel::unbounded();
             let (conn_tx, conn_rx) = crossbeam_channel::unbounded();
@@ -382,7 +362,9 @@ impl Worker {
                 conn_rx,
                 next_ep: 0,
                 timeout,
-                am_arg,
+                am,
+                next_seq: 0,
+                force_rma,
                 name,
                 mapped: std::collections::HashSet::new(),
             })
@@ -414,6 +396,20 @@ impl Worker {
             while let Ok((key, id, s)) = self.conn_rx.try_recv() {
                 busy = true;
                 self.connected(&key, id, s);
+            }
+            let acked = std::mem::take(&mut *self.am().done.borrow_mut());
+            for (x, r) in acked {
+                busy = true;
+                match r {
+                    Ok(()) => self.finish(&x, sys::UCS_OK),
+                    Err(why) => {
+                        self.forget(&x);
+                        x.complete(Err(peer_err(
+                            &x.remote.meta.name,
+                            format!("the target refused the transfer: {why}"),
+                        )));
+                    }
+                }
             }
             if last_check.elapsed() > Duration::from_millis(20) {
                 last_check = Instant::now();
@@ -574,6 +570,7 @@ impl Worker {
                 connecting: Some(Instant::now()),
                 waiting: Vec::new(),
                 rkeys: HashMap::new(),
+                rma: false,
                 failed,
                 remote: r.clone(),
             },
@@ -641,7 +638,12 @@ impl Worker {
             }
             return;
         }
+        let ep = e.ep;
         let waiting = std::mem::take(&mut e.waiting);
+        let rma = self.force_rma.unwrap_or_else(|| native_rma(&self.lib, ep));
+        if let Some(e) = self.eps.get_mut(key) {
+            e.rma = rma;
+        }
         for x in waiting {
             if let Err(err) = self.post(&x) {
                 x.complete(Err(err));
@@ -729,6 +731,17 @@ impl Worker {
             }
             return Ok(());
         };
+        let rma = self.eps.get(&Self::key(&r)).is_some_and(|e| e.rma);
+        if !rma {
+            self.next_seq += 1;
+            let seq = self.next_seq;
+            self.am()
+                .post(ep, seq, x)
+                .map_err(|why| peer_err(&r.meta.name, why))?;
+            self.inflight
+                .push((x.clone(), Instant::now(), Self::key(&r)));
+            return Ok(());
+        }
         let lib = self.lib.clone();
         let put = *f!(lib, ucp_put_nbx);
         let get = *f!(lib, ucp_get_nbx);
@@ -776,8 +789,24 @@ impl Worker {
         Ok(())
     }
 
-    fn finish(&mut self, x: &Arc<XferShared>, s: sys::ucs_status_t) {
+    /// The active-message state the receive handlers share (this thread only).
+    fn am(&self) -> &am::AmState {
+        // SAFETY: the box lives until shutdown; only this thread uses it, and no borrow of
+        // its cells is held across UCX calls.
+        unsafe { &*self.am }
+    }
+
+    /// Drops `x` from the transfers in flight.
+    fn forget(&mut self, x: &Arc<XferShared>) {
         self.inflight.retain(|(y, _, _)| !Arc::ptr_eq(x, y));
+        self.am()
+            .pending
+            .borrow_mut()
+            .retain(|_, p| !Arc::ptr_eq(&p.x, x));
+    }
+
+    fn finish(&mut self, x: &Arc<XferShared>, s: sys::ucs_status_t) {
+        self.forget(x);
         if s != sys::UCS_OK {
             let why = status_str(&self.lib, s);
             x.complete(Err(peer_err(
@@ -810,7 +839,7 @@ impl Worker {
                 .filter(|e| e.connecting.is_none())
                 .map(|e| e.ep)
                 .ok_or_else(|| peer_err(&r.meta.name, "UCX endpoint closed".to_string()));
-            match ep.and_then(|ep| self.am(ep, &m)) {
+            match ep.and_then(|ep| self.send_notif(ep, &m)) {
                 Ok(()) => {}
                 Err(e) => {
                     x.complete(Err(e));
@@ -821,7 +850,7 @@ impl Worker {
         x.complete(Ok(()));
     }
 
-    fn am(&mut self, ep: sys::ucp_ep_h, m: &[u8]) -> Result<()> {
+    fn send_notif(&mut self, ep: sys::ucp_ep_h, m: &[u8]) -> Result<()> {
         let lib = self.lib.clone();
         let send = *f!(lib, ucp_am_send_nbx);
         let name = self.name.as_bytes().to_vec();
@@ -865,6 +894,8 @@ impl Worker {
     /// endpoint is force-closed, which completes their flush with an error.
     fn check_eps(&mut self) {
         let now = Instant::now();
+        // Incoming writes whose initiator never finished them.
+        self.am().expire(self.timeout * 10);
         // Endpoints still connecting after the timeout.
         let stalled: Vec<_> = self
             .eps
@@ -912,6 +943,9 @@ impl Worker {
                     .map(|(x, _, _)| x.clone()),
             );
             self.inflight.retain(|(_, _, k)| *k != key);
+            for x in &stuck {
+                self.forget(x);
+            }
             for x in stuck {
                 x.complete(Err(Error::Timeout {
                     peer: key.0.clone(),
@@ -984,7 +1018,40 @@ impl Worker {
             if let Ok(c) = lib.ucp_cleanup.as_ref() {
                 c(self.ctx);
             }
-            drop(Box::from_raw(self.am_arg));
+            drop(Box::from_raw(self.am));
         }
+    }
+}
+
+/// Whether endpoint `ep` has a transport with native RMA for host memory (RDMA, or a
+/// same-host one), so that UCX put/get never fall back to its software emulation.
+fn native_rma(lib: &sys::Ucp, ep: sys::ucp_ep_h) -> bool {
+    let Ok(query) = lib.ucp_ep_query.as_ref() else {
+        return false;
+    };
+    let mut entries: [sys::ucp_transport_entry_t; 16] = [sys::ucp_transport_entry_t {
+        transport_name: std::ptr::null(),
+        device_name: std::ptr::null(),
+    }; 16];
+    // SAFETY: zeroed attributes with TRANSPORTS selected and a 16-entry array of our own;
+    // the names UCX returns stay valid while the endpoint lives (we only read them here).
+    unsafe {
+        let mut a: sys::ucp_ep_attr_t = std::mem::zeroed();
+        a.field_mask = sys::UCP_EP_ATTR_FIELD_TRANSPORTS as u64;
+        a.transports.entries = entries.as_mut_ptr();
+        a.transports.num_entries = entries.len() as u32;
+        a.transports.entry_size = std::mem::size_of::<sys::ucp_transport_entry_t>();
+        if query(ep, &mut a) != sys::UCS_OK {
+            return false;
+        }
+        let n = (a.transports.num_entries as usize).min(entries.len());
+        entries[..n].iter().any(|e| {
+            !e.transport_name.is_null() && {
+                let t = std::ffi::CStr::from_ptr(e.transport_name).to_string_lossy();
+                t.starts_with("rc")
+                    || t.starts_with("dc")
+                    || ["cma", "knem", "xpmem", "srd"].contains(&t.as_ref())
+            }
+        })
     }
 }

@@ -12,7 +12,7 @@ VERSION="$(sed -n 's/^#define UCP_API_MINOR *\([0-9]*\).*/\1/p' "$UCX/include/uc
 [ "$VERSION" -ge 22 ] || { echo "UCX headers are 1.$VERSION, need >= 1.22" >&2; exit 1; }
 bindgen "$HERE/wrapper.h" \
     --dynamic-loading Ucp \
-    --allowlist-function 'ucp_(init_version|get_version|cleanup|config_read|config_release|worker_create|worker_destroy|worker_progress|worker_get_efd|worker_arm|worker_signal|worker_query|worker_release_address|worker_set_am_recv_handler|ep_create|ep_close_nbx|ep_flush_nbx|mem_map|mem_unmap|rkey_pack|rkey_buffer_release|ep_rkey_unpack|rkey_destroy|put_nbx|get_nbx|am_send_nbx|request_check_status|request_free|request_cancel|get_version_string)|ucs_status_string' \
+    --allowlist-function 'ucp_(init_version|get_version|cleanup|config_read|config_release|worker_create|worker_destroy|worker_progress|worker_get_efd|worker_arm|worker_signal|worker_query|worker_release_address|worker_set_am_recv_handler|ep_create|ep_query|ep_close_nbx|ep_flush_nbx|mem_map|mem_unmap|rkey_pack|rkey_buffer_release|ep_rkey_unpack|rkey_destroy|put_nbx|get_nbx|am_send_nbx|request_check_status|request_free|request_cancel|get_version_string)|ucs_status_string' \
     --allowlist-type 'ucp_.*|ucs_status_t|ucs_status_ptr_t' \
     --allowlist-var 'UCP_.*|UCS_.*' \
     --no-layout-tests \

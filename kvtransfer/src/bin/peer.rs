@@ -12,7 +12,7 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use kvtransfer::{Agent, AgentConfig, Backend, DescList, HostBuffer, MemKind, Op};
+use kvtransfer::{Agent, AgentConfig, Backend, DescList, HostBuffer, MemKind, Op, UcxData};
 
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -83,6 +83,14 @@ fn run() -> Result<(), String> {
             }
             "--no-shm" => cfg.shm = false,
             "--ucx" => cfg.ucx = true,
+            "--ucx-data" => {
+                cfg.ucx_data = match val()?.as_str() {
+                    "auto" => UcxData::Auto,
+                    "rma" => UcxData::Rma,
+                    "am" => UcxData::ActiveMessages,
+                    v => return Err(format!("--ucx-data {v}: want auto, rma or am")),
+                }
+            }
             _ => return Err(format!("unknown argument {a}")),
         }
     }

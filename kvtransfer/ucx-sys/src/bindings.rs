@@ -1472,6 +1472,10 @@ pub struct Ucp {
     >,
     pub ucp_request_free:
         Result<unsafe extern "C" fn(request: *mut ::std::os::raw::c_void), ::libloading::Error>,
+    pub ucp_ep_query: Result<
+        unsafe extern "C" fn(ep: ucp_ep_h, attr: *mut ucp_ep_attr_t) -> ucs_status_t,
+        ::libloading::Error,
+    >,
 }
 impl Ucp {
     pub unsafe fn new<P>(path: P) -> Result<Self, ::libloading::Error>
@@ -1522,6 +1526,7 @@ impl Ucp {
         let ucp_request_check_status = __library.get(b"ucp_request_check_status\0").map(|sym| *sym);
         let ucp_request_cancel = __library.get(b"ucp_request_cancel\0").map(|sym| *sym);
         let ucp_request_free = __library.get(b"ucp_request_free\0").map(|sym| *sym);
+        let ucp_ep_query = __library.get(b"ucp_ep_query\0").map(|sym| *sym);
         Ok(Ucp {
             __library,
             ucs_status_string,
@@ -1555,6 +1560,7 @@ impl Ucp {
             ucp_request_check_status,
             ucp_request_cancel,
             ucp_request_free,
+            ucp_ep_query,
         })
     }
     #[doc = " @param  status UCS status code.\n\n @return Verbose status message."]
@@ -1892,5 +1898,12 @@ impl Ucp {
             .ucp_request_free
             .as_ref()
             .expect("Expected function, got error."))(request)
+    }
+    #[doc = " @ingroup UCP_ENDPOINT\n @brief Get attributes of a given endpoint.\n\n This routine fetches information about the endpoint.\n\n @param [in]  ep   Endpoint object to query.\n @param [out] attr Filled with attributes of the endpoint.\n\n @return Error code as defined by @ref ucs_status_t"]
+    pub unsafe fn ucp_ep_query(&self, ep: ucp_ep_h, attr: *mut ucp_ep_attr_t) -> ucs_status_t {
+        (self
+            .ucp_ep_query
+            .as_ref()
+            .expect("Expected function, got error."))(ep, attr)
     }
 }
