@@ -413,8 +413,8 @@ fn main() {
         );
         let st = index.stats();
         eprintln!(
-            "[index] kvindex stats: {} bytes, {} block slots, {} aliases, {} blocks",
-            st.bytes, st.block_slots, st.aliases, st.blocks
+            "[index] kvindex stats: {} bytes, {} block slots of {}, {} aliases of {}, {} blocks",
+            st.bytes, st.block_slots, st.block_capacity, st.aliases, st.alias_capacity, st.blocks
         );
         println!(
             "kvindex only: ingest {:.0} block ops/s, query p50 {:.2} us, p99 {:.2} us, 8k p99 {:.2} us, {:.2} bytes per block",

@@ -37,6 +37,7 @@ pub mod index;
 #[cfg(feature = "zmq")]
 pub mod ingest;
 pub mod key;
+mod name;
 #[cfg(feature = "zmq")]
 pub mod publish;
 #[cfg(feature = "redis")]
@@ -54,5 +55,6 @@ pub use index::{
     Query, QueryBlocks, Tier,
 };
 pub use key::{BlockKey, KeyHasher, MmItem, Namespace};
+pub use name::EngineName;
 #[cfg(feature = "redis")]
 pub use redis_backend::RedisIndex;

@@ -77,7 +77,7 @@ use crate::index::{
     Query, QueryBlocks, Tier, TIERS,
 };
 use crate::key::{block_extras, BlockKey, KeyHasher};
-use crate::{IndexError, Result};
+use crate::{EngineName, IndexError, Result};
 
 /// Block keys popped from an engine's set per purge round trip.
 pub const PURGE_CHUNK: usize = 512;
@@ -298,7 +298,7 @@ pub struct RedisEngine {
     /// The engine's identity.
     pub spec: EngineSpec,
     /// Display name (see [`EngineSpec::name`]).
-    pub name: Arc<str>,
+    pub name: EngineName,
     /// Tokens per block, once learned from the engine's events.
     pub block_size: Option<u32>,
 }
@@ -991,7 +991,7 @@ fn results(cache: &EngineCache, walk: &Walk, weights: &[f64; TIERS]) -> Vec<Engi
         .filter(|&(i, _)| walk.matched[i] > 0)
         .map(|(i, e)| EngineMatch {
             engine: e.id,
-            name: e.name.clone(),
+            name: e.name,
             matched_blocks: walk.matched[i],
             matched_tokens: walk.matched[i] * e.block_size.unwrap_or(0),
             tiers: walk.tiers[i],

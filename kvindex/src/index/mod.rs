@@ -39,6 +39,7 @@ use parking_lot::Mutex;
 use crate::event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};
 use crate::key::{block_extras, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem, Namespace};
 use crate::table::{Occupancy, Table, SLOT_BYTES};
+use crate::EngineName;
 use crate::{IndexError, Result};
 
 mod walk;
@@ -147,7 +148,7 @@ pub struct EngineInfo {
     /// The engine's identity.
     pub spec: EngineSpec,
     /// Display name.
-    pub name: Arc<str>,
+    pub name: EngineName,
     /// Tokens per block as learned from its events (0 until the first event with tokens).
     block_size: AtomicU32,
 }
@@ -228,10 +229,14 @@ pub struct IndexStats {
     pub blocks: usize,
     /// (engine, block, tier) memberships.
     pub memberships: usize,
-    /// Live block-table slots (one per key and group of 8 engines).
+    /// Live block-table slots (one per key, group of 32 engines and tier).
     pub block_slots: usize,
+    /// Slots of the block table, live or free.
+    pub block_capacity: usize,
     /// Engine-hash aliases held.
     pub aliases: usize,
+    /// Slots of the alias table, live or free.
+    pub alias_capacity: usize,
     /// Bytes held by the tables.
     pub bytes: usize,
     /// `bytes / blocks` (0 when empty).
@@ -270,7 +275,7 @@ pub struct IndexStats {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineStats {
     pub id: EngineId,
-    pub name: Arc<str>,
+    pub name: EngineName,
     pub spec: EngineSpec,
     /// Blocks held, per tier.
     pub blocks: [u64; TIERS],
@@ -316,7 +321,7 @@ pub struct Query<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineMatch {
     pub engine: EngineId,
-    pub name: Arc<str>,
+    pub name: EngineName,
     /// Longest run of consecutive blocks from block 0 held on any tier.
     pub matched_blocks: u32,
     /// `matched_blocks` times the engine's block size.
@@ -342,22 +347,20 @@ fn score_order(x: f64) -> u64 {
 /// name order (a query's ties are broken by name, without comparing names per query).
 struct Directory {
     list: Vec<Option<Arc<EngineInfo>>>,
-    rank: Vec<u32>,
+    /// The registered engines' slots in name order.
+    by_name: Vec<u32>,
 }
 
 impl Directory {
     fn new(list: Vec<Option<Arc<EngineInfo>>>) -> Self {
-        let mut order: Vec<(&str, usize)> = list
+        let mut order: Vec<(&str, u32)> = list
             .iter()
             .enumerate()
-            .filter_map(|(i, e)| e.as_ref().map(|e| (&*e.name, i)))
+            .filter_map(|(i, e)| e.as_ref().map(|e| (&*e.name, i as u32)))
             .collect();
         order.sort_unstable();
-        let mut rank = vec![u32::MAX; list.len()];
-        for (r, (_, i)) in order.into_iter().enumerate() {
-            rank[i] = r as u32;
-        }
-        Directory { list, rank }
+        let by_name = order.into_iter().map(|(_, i)| i).collect();
+        Directory { list, by_name }
     }
 }
 
@@ -476,7 +479,7 @@ impl Index {
             next.push(None);
         }
         next[slot] = Some(Arc::new(EngineInfo {
-            name: spec.name().into(),
+            name: EngineName::new(&spec.name()),
             spec: spec.clone(),
             block_size: AtomicU32::new(0),
         }));
@@ -770,26 +773,24 @@ impl Index {
                 });
             }
         }
-        // Best score first, ties in name order (ranks precomputed with the directory): sorted as
-        // packed integers, then the answers built in that order.
-        let mut order: Vec<u128> = Vec::new();
-        for (i, e) in engines.iter().enumerate() {
-            if e.is_some() && walk.matched[i] != 0 {
-                let desc = !score_order(walk.score[i]);
-                order.push(
-                    (u128::from(desc) << 64) | (u128::from(engines.rank[i]) << 32) | i as u128,
-                );
+        // Best score first, ties in name order: the engines are taken in name order (kept with
+        // the directory) and sorted stably by score alone, which is linear when most scores
+        // tie (a sorted run).
+        let mut order: Vec<(u64, u32)> = Vec::new();
+        for &i in &engines.by_name {
+            if walk.matched[i as usize] != 0 {
+                order.push((!score_order(walk.score[i as usize]), i));
             }
         }
-        order.sort_unstable();
+        order.sort_by_key(|o| o.0);
         let mut out: Vec<EngineMatch> = Vec::with_capacity(order.len());
-        for o in order {
-            let i = o as u32 as usize;
+        for (_, i) in order {
+            let i = i as usize;
             let Some(e) = &engines[i] else { continue };
             let bs = e.block_size().unwrap_or(0);
             out.push(EngineMatch {
                 engine: EngineId(i as u32),
-                name: e.name.clone(),
+                name: e.name,
                 matched_blocks: walk.matched[i],
                 matched_tokens: walk.matched[i] * bs,
                 tiers: walk.tiers[i],
@@ -836,7 +837,9 @@ impl Index {
         s.blocks = w.distinct;
         s.memberships = w.memberships;
         s.block_slots = w.blocks_occ.live;
+        s.block_capacity = w.blocks.capacity();
         s.aliases = w.aliases_occ.live;
+        s.alias_capacity = w.aliases.capacity();
         s.bytes = w.bytes();
         s.bytes_per_block = if w.distinct == 0 {
             0.0
@@ -854,7 +857,7 @@ impl Index {
             .into_iter()
             .map(|(id, e)| EngineStats {
                 id,
-                name: e.name.clone(),
+                name: e.name,
                 spec: e.spec.clone(),
                 blocks: w.counts.get(id.0 as usize).copied().unwrap_or_default(),
                 block_size: e.block_size(),
@@ -927,7 +930,7 @@ impl Index {
                     )));
                 }
                 dir[slot] = Some(Arc::new(EngineInfo {
-                    name: spec.name().into(),
+                    name: EngineName::new(&spec.name()),
                     spec: spec.clone(),
                     block_size: AtomicU32::new(e.block_size),
                 }));
