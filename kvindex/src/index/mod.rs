@@ -37,7 +37,10 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 
 use crate::event::{BlockRemoved, BlockStored, EngineHash, EventBatch, ExtraKey, KvEvent, Medium};
-use crate::key::{block_extras, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem, Namespace};
+use crate::key::{
+    block_extras, prefetch_block_tokens, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem,
+    Namespace,
+};
 use crate::table::{Occupancy, Table, SLOT_BYTES};
 use crate::EngineName;
 use crate::{IndexError, Result};
@@ -744,6 +747,7 @@ impl Index {
                     let mut prev = q.namespace.root_seed();
                     let nblocks = tokens.len() / bsz;
                     walk_chain(blocks, walk, weights, stamp, nblocks, |i| {
+                        prefetch_block_tokens(tokens, i, bsz);
                         let toks = &tokens[i * bsz..(i + 1) * bsz];
                         let k = if mm.is_empty() {
                             hasher.next(prev, toks)
