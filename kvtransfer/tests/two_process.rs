@@ -57,15 +57,7 @@ fn notifications_follow_the_data() {
         h.post(Some(msg.as_bytes())).unwrap();
         h.wait_timeout(WAIT).unwrap();
         // The peer checks its bytes only after it has the notification in hand.
-        let deadline = Instant::now() + WAIT;
-        let got = loop {
-            let n = p.notifs();
-            if !n.is_empty() || Instant::now() > deadline {
-                break n;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        };
-        assert_eq!(got, vec![("notifier".to_string(), msg)]);
+        assert_eq!(p.wait_notifs(), vec![("notifier".to_string(), msg)]);
         assert_eq!(p.sum(&pieces), local_sum(&buf, &pieces));
     }
     // READ with a notification: the peer hears once its bytes were read.

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvtransfer::{Agent, AgentConfig, DescList, HostBuffer};
 
@@ -144,6 +144,19 @@ impl Peer {
         let list: Vec<String> = pieces.iter().map(|(o, l)| format!("{o}:{l}")).collect();
         let r = self.cmd(&format!("sumdescs {}", list.join(",")));
         u64::from_str_radix(r.strip_prefix("SUM ").expect("SUM"), 16).unwrap()
+    }
+
+    /// The notifications the peer received, once it has any (at most `WAIT`; empty if none
+    /// came by then).
+    pub fn wait_notifs(&mut self) -> Vec<(String, String)> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n = self.notifs();
+            if !n.is_empty() || Instant::now() > deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Notifications the peer received: (from, message).
