@@ -118,6 +118,11 @@ fn killed_initiator_shm() {
     killed_initiator(&Net::loopback(), "shm");
 }
 
+#[test]
+fn killed_reader_tcp() {
+    killed_reader(&Net::loopback(), "tcp");
+}
+
 /// Descriptors outside registered memory are refused at prepare; a peer whose metadata lies
 /// about its regions is refused by the target, and the transfer fails closed.
 #[test]

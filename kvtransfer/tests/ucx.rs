@@ -43,6 +43,11 @@ fn ucx_killed_initiator() {
 }
 
 #[test]
+fn ucx_killed_reader() {
+    killed_reader(&Net::loopback_ucx(), "ucx");
+}
+
+#[test]
 fn ucx_restarted_peer_reconnects() {
     restarted_peer(&Net::loopback_ucx(), &[Backend::Ucx]);
 }

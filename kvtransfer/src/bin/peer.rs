@@ -41,6 +41,27 @@ fn sum(buf: &HostBuffer, pieces: &[(usize, usize)]) -> Result<u64, String> {
     Ok(h.digest())
 }
 
+fn backend_of(name: &str) -> Backend {
+    match name {
+        "tcp" => Backend::Tcp,
+        "ucx" => Backend::Ucx,
+        _ => Backend::Shm,
+    }
+}
+
+/// `off:len,off:len,...`
+fn parse_pieces(list: &str) -> Result<Vec<(usize, usize)>, String> {
+    list.split(',')
+        .map(|p| {
+            let (o, l) = p.split_once(':').ok_or("want off:len")?;
+            Ok((
+                o.parse().map_err(|_| "bad off")?,
+                l.parse().map_err(|_| "bad len")?,
+            ))
+        })
+        .collect()
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -125,21 +146,29 @@ fn run() -> Result<(), String> {
                 (Ok(o), Ok(l)) => sum(&buf, &[(o, l)]).map(|s| format!("SUM {s:016x}")),
                 _ => Err("bad numbers".into()),
             },
-            ["sumdescs", list] => {
-                let pieces: Result<Vec<(usize, usize)>, String> = list
-                    .split(',')
-                    .map(|p| {
-                        let (o, l) = p.split_once(':').ok_or("want off:len")?;
-                        Ok((
-                            o.parse().map_err(|_| "bad off")?,
-                            l.parse().map_err(|_| "bad len")?,
-                        ))
-                    })
-                    .collect();
-                pieces
-                    .and_then(|p| sum(&buf, &p))
-                    .map(|s| format!("SUM {s:016x}"))
-            }
+            ["sumdescs", list] => parse_pieces(list)
+                .and_then(|p| sum(&buf, &p))
+                .map(|s| format!("SUM {s:016x}")),
+            // Reads the pieces from the remote's first region into the same offsets here, then
+            // answers their checksum here.
+            ["readsum", remote, backend, list] => (|| {
+                let pieces = parse_pieces(list)?;
+                let md = agent.remote_metadata(remote).ok_or("unknown remote")?;
+                let rbase = md.regions.first().ok_or("remote has no region")?.addr;
+                let mut l = DescList::new(MemKind::Dram);
+                let mut r = DescList::new(MemKind::Dram);
+                for &(o, n) in &pieces {
+                    l.push(buf.addr() + o as u64, n as u64, 0);
+                    r.push(rbase + o as u64, n as u64, 0);
+                }
+                let h = agent
+                    .prepare(Op::Read, &l, remote, &r, Some(backend_of(backend)))
+                    .map_err(|e| e.to_string())?;
+                h.post(None).map_err(|e| e.to_string())?;
+                h.wait_timeout(Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?;
+                sum(&buf, &pieces).map(|s| format!("SUM {s:016x}"))
+            })(),
             ["notifs"] => {
                 let n = agent.get_notifs();
                 let mut s = format!("NOTIFS {}", n.len());
@@ -152,35 +181,38 @@ fn run() -> Result<(), String> {
                 }
                 Ok(s)
             }
-            ["writeloop", remote, backend, slot, slots] => {
-                let backend = match *backend {
-                    "tcp" => Backend::Tcp,
-                    "ucx" => Backend::Ucx,
-                    _ => Backend::Shm,
-                };
+            [cmd @ ("writeloop" | "readloop"), remote, backend, slot, slots] => {
+                let backend = backend_of(backend);
                 let slot: usize = slot.parse().map_err(|_| "bad slot")?;
                 let slots: usize = slots.parse().map_err(|_| "bad slots")?;
                 let md = agent.remote_metadata(remote).ok_or("unknown remote")?;
                 let rbase = md.regions.first().ok_or("remote has no region")?.addr;
                 writeln!(out, "STARTED").ok();
                 out.flush().ok();
-                // Writes slot after slot until killed; each notification names the slot and
-                // the checksum of what was written there.
+                // Writes (or reads) slot after slot until killed; each write's notification
+                // names the slot and the checksum of what was written there.
+                let write = *cmd == "writeloop";
                 let mut k = 0u64;
                 loop {
                     let s = (k as usize) % slots;
                     let off = (s % (size / slot)) * slot;
-                    fill(&buf, off, slot, k);
-                    let ck = sum(&buf, &[(off, slot)])?;
                     let mut l = DescList::new(MemKind::Dram);
                     l.push(buf.addr() + off as u64, slot as u64, 0);
                     let mut r = DescList::new(MemKind::Dram);
                     r.push(rbase + (s * slot) as u64, slot as u64, 0);
+                    let op = if write { Op::Write } else { Op::Read };
                     let h = agent
-                        .prepare(Op::Write, &l, remote, &r, Some(backend))
+                        .prepare(op, &l, remote, &r, Some(backend))
                         .map_err(|e| e.to_string())?;
-                    let msg = format!("{k} {} {slot} {ck:016x}", s * slot);
-                    h.post(Some(msg.as_bytes())).map_err(|e| e.to_string())?;
+                    let msg = if write {
+                        fill(&buf, off, slot, k);
+                        let ck = sum(&buf, &[(off, slot)])?;
+                        Some(format!("{k} {} {slot} {ck:016x}", s * slot))
+                    } else {
+                        None
+                    };
+                    h.post(msg.as_ref().map(|m| m.as_bytes()))
+                        .map_err(|e| e.to_string())?;
                     h.wait_timeout(Duration::from_secs(30))
                         .map_err(|e| e.to_string())?;
                     k += 1;

@@ -141,8 +141,7 @@ impl Peer {
 
     /// xxh3 of the peer's bytes at these (offset, length) pieces.
     pub fn sum(&mut self, pieces: &[(u64, u64)]) -> u64 {
-        let list: Vec<String> = pieces.iter().map(|(o, l)| format!("{o}:{l}")).collect();
-        let r = self.cmd(&format!("sumdescs {}", list.join(",")));
+        let r = self.cmd(&format!("sumdescs {}", pieces_arg(pieces)));
         u64::from_str_radix(r.strip_prefix("SUM ").expect("SUM"), 16).unwrap()
     }
 
@@ -186,6 +185,12 @@ impl Drop for Peer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// (offset, length) pieces as the peer's commands take them: `off:len,off:len,...`.
+pub fn pieces_arg(pieces: &[(u64, u64)]) -> String {
+    let list: Vec<String> = pieces.iter().map(|(o, l)| format!("{o}:{l}")).collect();
+    list.join(",")
 }
 
 pub fn hex(b: &[u8]) -> String {

@@ -196,6 +196,38 @@ pub fn killed_initiator(net: &Net, backend: &str) {
     }
 }
 
+/// A peer killed while it reads from the agent in a loop (the agent answering, on backends
+/// where the target takes part) leaves the agent serving: a new peer then reads from it
+/// intact.
+pub fn killed_reader(net: &Net, backend: &str) {
+    let a = net.agent("source", Duration::from_secs(2));
+    let size = 64usize << 20;
+    let buf = HostBuffer::new(size).unwrap();
+    buf.fill(0x6b);
+    a.register(&buf).unwrap();
+    let mut p = net.peer("reader", size, &[]);
+    a.load_remote(&p.meta).unwrap();
+    p.cmd(&format!("connect {}", a.listen_addr()));
+    let slot = 8usize << 20;
+    assert_eq!(
+        p.cmd(&format!("readloop source {backend} {slot} {}", size / slot)),
+        "STARTED"
+    );
+    // Let it read a while, then kill it with reads in flight.
+    std::thread::sleep(Duration::from_millis(700));
+    p.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut q = net.peer("second-reader", size, &[]);
+    let md = a.export_metadata();
+    assert!(q.cmd(&format!("load {}", hex(&md))).starts_with("OK"));
+    let pieces = [(0u64, 3u64 << 20), (40 << 20, 4097)];
+    assert_eq!(
+        q.cmd(&format!("readsum source {backend} {}", pieces_arg(&pieces))),
+        format!("SUM {:016x}", local_sum(&buf, &pieces))
+    );
+    q.cmd("quit");
+}
+
 pub fn verify(buf: &HostBuffer, msg: &[u8]) {
     let s = String::from_utf8_lossy(msg);
     let w: Vec<&str> = s.split(' ').collect();
