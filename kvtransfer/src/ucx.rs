@@ -638,12 +638,10 @@ impl Worker {
             }
             return;
         }
-        let ep = e.ep;
+        e.rma = self
+            .force_rma
+            .unwrap_or_else(|| native_rma(&self.lib, e.ep));
         let waiting = std::mem::take(&mut e.waiting);
-        let rma = self.force_rma.unwrap_or_else(|| native_rma(&self.lib, ep));
-        if let Some(e) = self.eps.get_mut(key) {
-            e.rma = rma;
-        }
         for x in waiting {
             if let Err(err) = self.post(&x) {
                 x.complete(Err(err));

@@ -263,27 +263,15 @@ fn ucx_both_data_paths_move_data() {
         let name = a.load_remote(&p.meta).unwrap();
         // Pieces larger than a chunk, unaligned ones, and one of a single byte.
         let pieces = [(0u64, (2u64 << 20) + 17), (3 << 20, 1), (5 << 20, 65_537)];
-        let rd = ucx_xfer(
-            &a,
-            kvtransfer::Op::Read,
-            (buf.addr(), &pieces),
-            &name,
-            (p.base, &pieces),
-        );
-        rd.post(None).unwrap();
-        rd.wait_timeout(WAIT).unwrap();
-        assert_eq!(local_sum(&buf, &pieces), p.sum(&pieces), "{arg}: READ");
-        buf.fill(0x77);
-        let wr = ucx_xfer(
-            &a,
-            kvtransfer::Op::Write,
-            (buf.addr(), &pieces),
-            &name,
-            (p.base, &pieces),
-        );
-        wr.post(None).unwrap();
-        wr.wait_timeout(WAIT).unwrap();
-        assert_eq!(p.sum(&pieces), local_sum(&buf, &pieces), "{arg}: WRITE");
+        for op in [kvtransfer::Op::Read, kvtransfer::Op::Write] {
+            if op == kvtransfer::Op::Write {
+                buf.fill(0x77); // differs from the peer's bytes again
+            }
+            let h = ucx_xfer(&a, op, (buf.addr(), &pieces), &name, (p.base, &pieces));
+            h.post(None).unwrap();
+            h.wait_timeout(WAIT).unwrap();
+            assert_eq!(local_sum(&buf, &pieces), p.sum(&pieces), "{arg}: {op:?}");
+        }
         p.cmd("quit");
     }
 }
