@@ -23,6 +23,10 @@ use std::sync::atomic::{fence, AtomicU64, Ordering};
 pub const EMPTY: u64 = 0;
 /// A reserved key, never stored (tables once marked deleted slots with it); keys are above it.
 pub const TOMB: u64 = 1;
+/// A key bit the table ignores when placing a key: a slot whose key is `k | MARK` lies where `k`
+/// would, so an owner whose keys leave this bit clear can mark a slot (see [`Table::set_key`])
+/// without moving it, and find the marked slot again by probing for `k | MARK`.
+pub const MARK: u64 = 1 << 63;
 
 struct Slot {
     key: AtomicU64,
@@ -218,7 +222,7 @@ impl Table {
         // Multiply-shift range reduction to a bucket (any number of buckets, not only powers of
         // two), then the bucket's first slot.
         let buckets = (self.slots.len() / BUCKET) as u128;
-        ((u128::from(spread(key)) * buckets) >> 64) as usize * BUCKET
+        ((u128::from(spread(key & !MARK)) * buckets) >> 64) as usize * BUCKET
     }
 
     /// `i` reduced into the table, for `i < 2 * capacity`.
@@ -370,6 +374,14 @@ impl Table {
         self.slots[idx].val.store(val, Ordering::Release);
     }
 
+    /// Writer: replaces the key in slot `idx` by `key`, which differs from it in [`MARK`] alone
+    /// (so the slot stays on its probe path). Readers see the slot under the old key or the new.
+    #[inline]
+    pub fn set_key(&self, idx: usize, key: u64) {
+        debug_assert_eq!(self.key(idx) & !MARK, key & !MARK);
+        self.slots[idx].key.store(key, Ordering::Release);
+    }
+
     /// Writer: the value of the first slot holding `key`.
     #[inline]
     pub fn lookup(&self, key: u64) -> Option<u64> {
@@ -467,6 +479,25 @@ impl Table {
         }
         self.slots[hole].key.store(EMPTY, Ordering::Relaxed);
         self.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+
+    /// Writer: deletes, in place, every live slot for which `drop(key, value)` is true (one
+    /// pass over the table, each deletion a backward shift as in [`Table::remove`]). Returns how
+    /// many were deleted.
+    pub fn sweep(&self, mut drop: impl FnMut(u64, u64) -> bool, occ: &mut Occupancy) -> usize {
+        let mut n = 0;
+        for i in 0..self.slots.len() {
+            // A deletion shifts a later slot into `i` (or into later slots only): look again.
+            loop {
+                let k = self.key(i);
+                if k <= TOMB || !drop(k, self.val(i)) {
+                    break;
+                }
+                self.remove(i, occ);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Writer: visits every live slot as `(index, key, value)`.
@@ -680,6 +711,59 @@ mod tests {
         });
         assert_eq!(n, 4);
         assert_eq!(t.get(10), Some(100));
+    }
+
+    #[test]
+    fn marked_slots_stay_found_and_sweep_leaves_the_rest() {
+        // A small, nearly full table: marks sit inside long runs, and the sweep shifts them.
+        let t = Table::new(64);
+        let mut occ = Occupancy::default();
+        let mut rng = 4242u64;
+        let mut model: HashMap<u64, (u64, bool)> = HashMap::new();
+        for round in 0..300u64 {
+            while occ.live < 54 {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let key = 2 + (rng >> 4) % 5000;
+                if model.contains_key(&key) {
+                    continue;
+                }
+                t.insert(key, round, &mut occ);
+                model.insert(key, (round, false));
+            }
+            // Mark about a third, found again under their marked keys where they were.
+            for (k, (_, marked)) in model.iter_mut() {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                if !*marked && rng.is_multiple_of(3) {
+                    let idx = t.find(*k, |_| true).expect("held");
+                    t.set_key(idx, *k | MARK);
+                    assert_eq!(t.find(*k | MARK, |_| true), Some(idx));
+                    assert_eq!(t.get(*k), None);
+                    *marked = true;
+                }
+            }
+            for (k, (v, marked)) in &model {
+                let probe = if *marked { *k | MARK } else { *k };
+                assert_eq!(t.get(probe), Some(*v), "key {k} round {round}");
+            }
+            let gone = t.sweep(|k, _| k & MARK != 0, &mut occ);
+            let marked = model.values().filter(|(_, m)| *m).count();
+            assert_eq!(gone, marked);
+            model.retain(|_, (_, m)| !*m);
+            assert_eq!(occ.live, model.len());
+            for (k, (v, _)) in &model {
+                assert_eq!(t.get(*k), Some(*v), "key {k} after sweep {round}");
+            }
+            let mut left = 0;
+            t.scan(|_, k, _| {
+                assert_eq!(k & MARK, 0);
+                left += 1;
+            });
+            assert_eq!(left, model.len());
+        }
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::key::{
     block_extras, prefetch_block_tokens, root_seed, BlockExtras, BlockKey, KeyHasher, MmItem,
     Namespace,
 };
-use crate::table::{Occupancy, Table, SLOT_BYTES};
+use crate::table::{Occupancy, Table, MARK, SLOT_BYTES};
 use crate::EngineName;
 use crate::{IndexError, Result};
 
@@ -394,6 +394,10 @@ struct Writer {
     /// Keys that lost their last holder since the alias table was last cleaned: an upper bound
     /// on its dead aliases, which decides between growing it and cleaning it.
     dead_aliases: usize,
+    /// Alias slots marked dead (their block lost its last holder through a removal, which names
+    /// the alias): dropped for free when the alias table is rebuilt or swept, found meanwhile by
+    /// late tier events.
+    dead_marked: usize,
     memberships: usize,
     /// Announcements beyond the first, per (engine, key, tier).
     dups: HashMap<(u32, u64, u8), u32>,
@@ -433,6 +437,7 @@ impl Index {
             aliases_occ: Occupancy::default(),
             distinct: 0,
             dead_aliases: 0,
+            dead_marked: 0,
             memberships: 0,
             dups: HashMap::new(),
             counts: Vec::new(),
@@ -610,7 +615,7 @@ impl Index {
         let prefetch_removal = |w: &Writer, ev: Option<&KvEvent>| {
             if let Some(KvEvent::BlockRemoved(r)) = ev {
                 for h in &r.block_hashes {
-                    w.aliases.prefetch(alias_key(*h));
+                    w.aliases.prefetch(alias_slot(*h));
                 }
             }
         };
@@ -773,7 +778,7 @@ impl Index {
                 }
                 let aliases = self.inner.aliases.load();
                 walk_chain(blocks, walk, weights, stamp, hashes.len(), |i| {
-                    aliases.get(alias_key(hashes[i]))
+                    aliases.get(alias_slot(hashes[i]))
                 });
             }
         }
@@ -806,7 +811,11 @@ impl Index {
 
     /// The key an engine's block hash maps to, if known.
     pub fn resolve(&self, hash: EngineHash) -> Option<BlockKey> {
-        self.inner.aliases.load().get(alias_key(hash)).map(BlockKey)
+        self.inner
+            .aliases
+            .load()
+            .get(alias_slot(hash))
+            .map(BlockKey)
     }
 
     /// The engines holding `key`, with the tiers each holds it on.
@@ -842,7 +851,7 @@ impl Index {
         s.memberships = w.memberships;
         s.block_slots = w.blocks_occ.live;
         s.block_capacity = w.blocks.capacity();
-        s.aliases = w.aliases_occ.live;
+        s.aliases = w.aliases_occ.live - w.dead_marked;
         s.alias_capacity = w.aliases.capacity();
         s.bytes = w.bytes();
         s.bytes_per_block = if w.distinct == 0 {
@@ -889,7 +898,11 @@ impl Index {
         let mut blocks = Vec::with_capacity(w.blocks_occ.live);
         w.blocks.scan(|_, k, v| blocks.push((k, v & !MORE)));
         let mut aliases = Vec::with_capacity(w.aliases_occ.live);
-        w.aliases.scan(|_, k, v| aliases.push((k, v)));
+        w.aliases.scan(|_, k, v| {
+            if k & MARK == 0 {
+                aliases.push((k, v));
+            }
+        });
         let dups = w.dups.iter().map(|(&(e, k, t), &c)| (e, k, t, c)).collect();
         crate::snapshot::Snapshot {
             engines,
@@ -972,7 +985,7 @@ impl Index {
                         "reserved key in the alias table".into(),
                     ));
                 }
-                aliases.insert(k, v, &mut aocc);
+                aliases.insert(alias_slot_raw(k), v, &mut aocc);
             }
             w.blocks = Arc::new(blocks);
             w.blocks_occ = occ;
@@ -1017,6 +1030,24 @@ pub(crate) fn alias_key(h: EngineHash) -> u64 {
         h.0 ^ 0xA5A5_5A5A_0F0F_F0F0
     } else {
         h.0
+    }
+}
+
+/// The alias table's key of an engine hash: [`alias_key`] with the table's [`MARK`] bit clear
+/// (a dead alias is the same key with the bit set).
+#[inline]
+pub(crate) fn alias_slot(h: EngineHash) -> u64 {
+    alias_slot_raw(alias_key(h))
+}
+
+/// [`alias_slot`] of an alias key already mapped by [`alias_key`] (as snapshots hold them).
+#[inline]
+fn alias_slot_raw(k: u64) -> u64 {
+    let k = k & !MARK;
+    if k <= crate::table::TOMB {
+        k | 0x25A5_5A5A_0F0F_F0F0
+    } else {
+        k
     }
 }
 
@@ -1097,6 +1128,18 @@ pub(crate) fn event_keys(
     }
 }
 
+/// What [`Writer::remove`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Removal {
+    /// The engine did not hold the block on that tier.
+    NotHeld,
+    /// Removed; the block is still held (by that engine on another tier or through another
+    /// announcement, or by another engine).
+    StillHeld,
+    /// Removed, and no engine holds the block on any tier any more.
+    Unheld,
+}
+
 /// The capacity a full table of `cap` slots grows to, holding `used` slots, at most `max`.
 fn grown(cap: usize, used: usize, max: usize) -> usize {
     ((cap as f64 * GROWTH) as usize)
@@ -1135,8 +1178,12 @@ impl Writer {
         }
     }
 
+    /// The key of an engine hash: its alias, live or marked dead.
     fn resolve(&self, h: EngineHash) -> Option<u64> {
-        self.aliases.lookup(alias_key(h))
+        let ak = alias_slot(h);
+        self.aliases
+            .lookup(ak)
+            .or_else(|| self.aliases.lookup(ak | MARK))
     }
 
     fn depth_of(&self, key: u64) -> u32 {
@@ -1164,6 +1211,8 @@ impl Writer {
                 match self.resolve(h) {
                     Some(k) => {
                         let depth = self.depth_of(k);
+                        // The block is held again: a dead alias comes back to life.
+                        self.add_alias(inner, h, k);
                         self.add(inner, k, e, tier, depth, stamp, restore);
                         report.blocks_stored += 1;
                     }
@@ -1201,12 +1250,12 @@ impl Writer {
         // Fetch the table slots a few blocks ahead, so their cache misses overlap.
         const AHEAD: usize = 8;
         for (h, k) in ev.block_hashes.iter().zip(&keys).take(AHEAD) {
-            self.aliases.prefetch_probe(alias_key(*h));
+            self.aliases.prefetch_probe(alias_slot(*h));
             self.blocks.prefetch_probe(k.0);
         }
         for (i, (&h, &key)) in ev.block_hashes.iter().zip(&keys).enumerate() {
             if let (Some(ah), Some(ak)) = (ev.block_hashes.get(i + AHEAD), keys.get(i + AHEAD)) {
-                self.aliases.prefetch_probe(alias_key(*ah));
+                self.aliases.prefetch_probe(alias_slot(*ah));
                 self.blocks.prefetch_probe(ak.0);
             }
             self.add_alias(inner, h, key.0);
@@ -1226,8 +1275,19 @@ impl Writer {
         }
         let tier = Tier::of(ev.medium.as_ref(), ev.locality.as_deref());
         for &h in &ev.block_hashes {
-            let removed = match self.resolve(h) {
-                Some(k) => self.remove(k, e, tier),
+            let ak = alias_slot(h);
+            let removed = match self.aliases.find(ak, |_| true) {
+                Some(idx) => match self.remove(self.aliases.val(idx), e, tier) {
+                    Removal::NotHeld => false,
+                    Removal::StillHeld => true,
+                    Removal::Unheld => {
+                        // No engine holds the block any more: mark its alias dead, in place
+                        // (its slot is in cache now), for the next rebuild or sweep to drop.
+                        self.aliases.set_key(idx, ak | MARK);
+                        self.dead_marked += 1;
+                        true
+                    }
+                },
                 None => false,
             };
             if removed {
@@ -1240,7 +1300,7 @@ impl Writer {
     }
 
     fn add_alias(&mut self, inner: &Inner, h: EngineHash, key: u64) {
-        let ak = alias_key(h);
+        let ak = alias_slot(h);
         let mut seen = false;
         match self.aliases.find_or_vacancy(ak, &mut seen, |_| true) {
             Ok(idx) => {
@@ -1256,6 +1316,15 @@ impl Writer {
                 }
             }
             Err(mut vacancy) => {
+                // An alias marked dead (its block is stored again) is revived where it lies.
+                if self.dead_marked > 0 {
+                    if let Some(idx) = self.aliases.find(ak | MARK, |_| true) {
+                        self.aliases.set_val(idx, key);
+                        self.aliases.set_key(idx, ak);
+                        self.dead_marked -= 1;
+                        return;
+                    }
+                }
                 if self.alias_room(inner) {
                     vacancy = match self.aliases.find_or_vacancy(ak, &mut seen, |_| true) {
                         Ok(i) | Err(i) => i,
@@ -1330,40 +1399,42 @@ impl Writer {
         self.counts[e as usize][tier as usize] += 1;
     }
 
-    /// Drops one announcement of (key, engine, tier). Returns false if it was not held.
-    fn remove(&mut self, key: u64, e: u32, tier: Tier) -> bool {
+    /// Drops one announcement of (key, engine, tier). A block left with no holder at all is
+    /// reported as [`Removal::Unheld`]: the caller marks its alias dead.
+    fn remove(&mut self, key: u64, e: u32, tier: Tier) -> Removal {
         if !self.dups.is_empty() {
             if let Some(c) = self.dups.get_mut(&(e, key, tier as u8)) {
                 *c -= 1;
                 if *c == 0 {
                     self.dups.remove(&(e, key, tier as u8));
                 }
-                return true;
+                return Removal::StillHeld;
             }
         }
         let (g, lane) = (e / LANES, e % LANES);
         let bit = lane_bit(lane);
         let class = class_of(g, tier);
         let Some(idx) = self.blocks.find(key, |v| v_class(v) == class) else {
-            return false;
+            return Removal::NotHeld;
         };
         let v = self.blocks.val(idx);
         if v & bit == 0 {
-            return false;
+            return Removal::NotHeld;
         }
         let nv = v & !bit;
+        let mut out = Removal::StillHeld;
         if nv as u32 == 0 {
             self.blocks.remove(idx, &mut self.blocks_occ);
             if self.blocks.lookup(key).is_none() {
                 self.distinct -= 1;
-                self.dead_aliases += 1;
+                out = Removal::Unheld;
             }
         } else {
             self.blocks.set_val(idx, nv);
         }
         self.memberships -= 1;
         self.counts[e as usize][tier as usize] -= 1;
-        true
+        out
     }
 
     /// Removes every membership of engine `e`.
@@ -1431,15 +1502,47 @@ impl Writer {
             return false;
         }
         let max = self.max_slots(&inner.config);
-        let grown = grown(cap, used, max);
-        let live_est = self.aliases_occ.live.saturating_sub(self.dead_aliases);
-        if self.dead_aliases * 8 < self.aliases_occ.live && cap < max {
-            // Few aliases can be dead: growing is cheaper than checking each one.
-            let (t, occ) = self.aliases.rebuild(grown, |_, _| true);
+        let live = self.aliases_occ.live;
+        // Aliases marked dead cost nothing to find; those of blocks evicted or purged (which
+        // name no alias) are found only by looking up every alias's block.
+        let dead = self.dead_marked + self.dead_aliases;
+        if dead * 8 < live && cap < max {
+            // Few aliases are dead: grow, dropping the marked ones on the way.
+            let (t, occ) = self
+                .aliases
+                .rebuild(grown(cap, used, max), |k, _| k & MARK == 0);
             self.aliases = Arc::new(t);
             self.aliases_occ = occ;
+            self.dead_marked = 0;
             return true;
         }
+        let fit = |live: usize| {
+            ((live as f64 / GROW_TO) as usize).max(inner.config.initial_slots.max(64))
+        };
+        if self.dead_aliases * 8 < live {
+            // Most dead aliases are marked: drop them in place, in one pass over the table.
+            self.aliases
+                .sweep(|k, _| k & MARK != 0, &mut self.aliases_occ);
+            self.dead_marked = 0;
+            let live = self.aliases_occ.live;
+            let resized = if live as f64 > EVICT_TO * cap as f64 && cap < max {
+                grown(cap, live + 1, max)
+            } else if (fit(live + 1) as f64) < SHRINK_BELOW * cap as f64 {
+                fit(live + 1)
+            } else {
+                cap
+            };
+            if resized != cap {
+                let (t, occ) = self.aliases.rebuild(resized, |_, _| true);
+                self.aliases = Arc::new(t);
+                self.aliases_occ = occ;
+            }
+            if (self.aliases_occ.live + 1) as f64 <= MAX_LOAD * self.aliases.capacity() as f64 {
+                return true;
+            }
+        }
+        let live_est = self.aliases_occ.live.saturating_sub(self.dead_aliases);
+        let cap = self.aliases.capacity();
         let mut target = cap;
         if live_est as f64 > EVICT_TO * cap as f64 {
             if cap < max {
@@ -1450,18 +1553,22 @@ impl Writer {
                 self.evict(inner, want);
             }
         }
-        // Drop the aliases of blocks no engine holds any more (kept until now for tier events
-        // that arrive after the block left the GPU, e.g. an offload completing late).
+        // Drop the aliases of blocks no engine holds any more (marked ones kept until now for
+        // tier events that arrive after the block left the GPU, e.g. an offload completing
+        // late).
         let blocks = self.blocks.clone();
         let (t, occ) = self.aliases.rebuild_prefetching(
             target,
-            |_, v| blocks.prefetch(v),
-            |_, v| blocks.lookup(v).is_some(),
+            |k, v| {
+                if k & MARK == 0 {
+                    blocks.prefetch(v)
+                }
+            },
+            |k, v| k & MARK == 0 && blocks.lookup(v).is_some(),
         );
         // Far fewer were live than the table holds: move them to a table sized for them, as a
         // grown one would be (a plain copy, no lookups).
-        let fit =
-            (((occ.live + 1) as f64 / GROW_TO) as usize).max(inner.config.initial_slots.max(64));
+        let fit = fit(occ.live + 1);
         let (t, occ) = if (fit as f64) < SHRINK_BELOW * t.capacity() as f64 {
             t.rebuild(fit, |_, _| true)
         } else {
@@ -1470,6 +1577,7 @@ impl Writer {
         self.aliases = Arc::new(t);
         self.aliases_occ = occ;
         self.dead_aliases = 0;
+        self.dead_marked = 0;
         true
     }
 

@@ -349,3 +349,87 @@ fn byte_budget_is_respected_by_evicting() {
     assert!(s.evicted_blocks > 0);
     assert!(s.blocks > 1000);
 }
+
+#[test]
+fn a_dropped_block_is_still_named_by_its_hash_for_late_events() {
+    let idx = Index::default();
+    let a = idx.add_engine(spec("a")).unwrap();
+    let b = idx.add_engine(spec("b")).unwrap();
+    let toks: Vec<u32> = (0..32).collect();
+    let ns = Namespace::model("m");
+    idx.apply(a, &batch(vec![stored(&[10, 11], None, toks.clone(), 16)]))
+        .unwrap();
+    let key = idx.resolve(EngineHash(11)).expect("alias of a held block");
+    // The GPU copy goes: no engine holds block 11, and readers no longer resolve its hash.
+    idx.apply(a, &batch(vec![removed(11, Medium::Gpu)]))
+        .unwrap();
+    assert_eq!(idx.resolve(EngineHash(11)), None);
+    assert_eq!(idx.stats().aliases, 1);
+    // A second removal of it is unknown, not an error.
+    idx.apply(a, &batch(vec![removed(11, Medium::Gpu)]))
+        .unwrap();
+    assert_eq!(idx.stats().unknown_removals, 1);
+    // The offload of that block to the CPU completes late: its placeholder event still resolves.
+    let late = KvEvent::BlockStored(BlockStored {
+        block_hashes: vec![EngineHash(11)],
+        medium: Some(Medium::Cpu),
+        ..Default::default()
+    });
+    let rep = idx.apply(a, &batch(vec![late])).unwrap();
+    assert!(rep.unresolved.is_empty());
+    assert_eq!(idx.resolve(EngineHash(11)), Some(key));
+    assert_eq!(idx.stats().aliases, 2);
+    let r = idx.query(&q_tokens(&ns, &toks));
+    assert_eq!((r[0].matched_blocks, r[0].tiers), (2, [1, 1, 0, 0]));
+    // A child stored by another engine under the dropped block's hash finds its parent too.
+    idx.apply(a, &batch(vec![removed(11, Medium::Cpu)]))
+        .unwrap();
+    assert_eq!(idx.resolve(EngineHash(11)), None);
+    let more: Vec<u32> = (32..48).collect();
+    let rep = idx
+        .apply(b, &batch(vec![stored(&[12], Some(11), more, 16)]))
+        .unwrap();
+    assert!(rep.orphans.is_empty());
+    // Stored again by its tokens, the block's alias lives again.
+    idx.apply(b, &batch(vec![stored(&[10, 11], None, toks.clone(), 16)]))
+        .unwrap();
+    assert_eq!(idx.resolve(EngineHash(11)), Some(key));
+    let all: Vec<u32> = (0..48).collect();
+    let r = idx.query(&q_tokens(&ns, &all));
+    assert_eq!((&*r[0].name, r[0].matched_blocks), ("b", 3));
+}
+
+#[test]
+fn dead_aliases_are_swept_and_the_table_stays_bounded() {
+    // One engine stores and drops chains over and over: its aliases die by removal (marked) and
+    // are swept, so the alias table stays about the size of what is held.
+    let idx = Index::new(IndexConfig {
+        initial_slots: 64,
+        ..Default::default()
+    });
+    let a = idx.add_engine(spec("a")).unwrap();
+    let ns = Namespace::model("m");
+    for round in 0..2000u64 {
+        let base = round * 100;
+        let toks: Vec<u32> = (0..64).map(|t| (base * 64 + t) as u32).collect();
+        let hashes = [base + 2, base + 3, base + 4, base + 5];
+        idx.apply(a, &batch(vec![stored(&hashes, None, toks.clone(), 16)]))
+            .unwrap();
+        let r = idx.query(&q_tokens(&ns, &toks));
+        assert_eq!(r[0].matched_blocks, 4, "round {round}");
+        if round >= 8 {
+            let old = (round - 8) * 100;
+            let gone: Vec<KvEvent> = (2..6).map(|i| removed(old + i, Medium::Gpu)).collect();
+            idx.apply(a, &batch(gone)).unwrap();
+        }
+    }
+    let s = idx.stats();
+    assert_eq!(s.blocks, 32);
+    assert_eq!(s.aliases, 32);
+    assert!(
+        s.alias_capacity <= 256,
+        "alias table of {} slots",
+        s.alias_capacity
+    );
+    assert_eq!(s.unknown_removals, 0);
+}
