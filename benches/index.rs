@@ -331,8 +331,14 @@ fn main() {
             let _ = time_queries(&sample_s, &mut ours_q);
             let _ = time_queries(&long, &mut ours_q);
         }
-        // Ingest's two parts: decoding the batches alone.
+        // Ingest's two parts: decoding the batches alone. KVINDEX_DECODE_LOOPS=N decodes them
+        // N more times first (for a profiler).
         let mut decoder = BatchDecoder::new();
+        for _ in 0..env_count("KVINDEX_DECODE_LOOPS", 0) {
+            for (_, p) in &payloads {
+                std::hint::black_box(decoder.decode(p).expect("valid batch"));
+            }
+        }
         let t = Instant::now();
         for (_, p) in &payloads {
             std::hint::black_box(decoder.decode(p).expect("valid batch"));

@@ -73,54 +73,43 @@ fn be<const N: usize>(buf: &[u8], pos: usize) -> Option<[u8; N]> {
 /// type are dropped from the result (see the module documentation for everything accepted).
 pub fn decode_batch(buf: &[u8]) -> Result<EventBatch> {
     let mut out = EventBatch::default();
-    decode_into(buf, &mut out, &mut Buffers::default())?;
-    Ok(out)
+    let mut init = 0;
+    let res = decode_into(buf, &mut out, &mut init);
+    drop_hidden(&mut out.events, init);
+    res.map(|()| out)
 }
 
-/// Block-hash and token buffers of earlier events, for later events to reuse.
-#[derive(Default)]
-struct Buffers {
-    hashes: Vec<Vec<EngineHash>>,
-    tokens: Vec<Vec<u32>>,
-}
-
-impl Buffers {
-    /// Keeps the buffers of `ev` for reuse (emptied: an event that lacks the field must not
-    /// inherit an earlier event's contents).
-    fn keep(&mut self, ev: KvEvent) {
-        match ev {
-            KvEvent::BlockStored(s) => {
-                self.put_hashes(s.block_hashes);
-                self.put_tokens(s.token_ids);
-            }
-            KvEvent::BlockRemoved(r) => self.put_hashes(r.block_hashes),
-            KvEvent::AllBlocksCleared => {}
-        }
-    }
-
-    fn put_hashes(&mut self, mut v: Vec<EngineHash>) {
-        if v.capacity() > 0 {
-            v.clear();
-            self.hashes.push(v);
-        }
-    }
-
-    fn put_tokens(&mut self, mut v: Vec<u32>) {
-        if v.capacity() > 0 {
-            v.clear();
-            self.tokens.push(v);
-        }
-    }
-}
-
-/// Decodes batch after batch into the same memory, as an ingestion loop does: the event list
-/// and every event's hash and token buffers are reused, so a steady stream of batches decodes
-/// without allocating (vLLM sends one `BlockRemoved` per evicted block, thousands a second).
-/// Decodes exactly what [`decode_batch`] decodes.
+/// Decodes batch after batch into the same memory, as an ingestion loop does: each event is
+/// decoded over an event of an earlier batch, in place, keeping its hash and token buffers, so a
+/// steady stream of batches decodes without allocating or moving events (vLLM sends one
+/// `BlockRemoved` per evicted block, thousands a second). Decodes exactly what
+/// [`decode_batch`] decodes.
 #[derive(Default)]
 pub struct BatchDecoder {
     batch: EventBatch,
-    buffers: Buffers,
+    /// Events initialised in the event vector's memory, up to its length and past it: those
+    /// past it are earlier batches' events, kept (out of sight) for their buffers.
+    init: usize,
+}
+
+impl Drop for BatchDecoder {
+    fn drop(&mut self) {
+        drop_hidden(&mut self.batch.events, self.init);
+    }
+}
+
+/// Drops the events initialised past the length of `events` (`init` in all; see
+/// `Reader::events`).
+fn drop_hidden(events: &mut Vec<KvEvent>, init: usize) {
+    let len = events.len();
+    #[allow(unsafe_code)]
+    // SAFETY: the first `init` events of the vector's memory are initialised (see
+    // `Reader::events`); exposed, the vector owns them again and truncating drops those past
+    // `len`.
+    unsafe {
+        events.set_len(init)
+    };
+    events.truncate(len);
 }
 
 impl BatchDecoder {
@@ -132,30 +121,21 @@ impl BatchDecoder {
     /// Decodes one batch; it stays valid until the next call. On error the decoder stays
     /// usable (the partial batch is dropped).
     pub fn decode(&mut self, buf: &[u8]) -> Result<&EventBatch> {
-        for ev in self.batch.events.drain(..) {
-            self.buffers.keep(ev);
-        }
-        match decode_into(buf, &mut self.batch, &mut self.buffers) {
-            Ok(()) => Ok(&self.batch),
-            Err(e) => {
-                for ev in self.batch.events.drain(..) {
-                    self.buffers.keep(ev);
-                }
-                Err(e)
-            }
-        }
+        decode_into(buf, &mut self.batch, &mut self.init)?;
+        Ok(&self.batch)
     }
 }
 
-/// Decodes `buf` into `out` (whose event list is empty), taking buffers from `bufs`.
-fn decode_into(buf: &[u8], out: &mut EventBatch, bufs: &mut Buffers) -> Result<()> {
+/// Decodes `buf` into `out`, over the `init` events initialised in its event vector's memory
+/// (see [`BatchDecoder`]).
+fn decode_into(buf: &[u8], out: &mut EventBatch, init: &mut usize) -> Result<()> {
     let mut r = Reader { buf, pos: 0 };
     let n = r.array_len()?;
     if n < 2 {
         return Err(err(0, "batch array has fewer than 2 elements"));
     }
     out.ts = r.f64()?;
-    r.events(&mut out.events, bufs)?;
+    r.events(&mut out.events, init)?;
     out.data_parallel_rank = if n >= 3 { r.opt_i64()? } else { None };
     for _ in 3..n {
         r.skip_value()?;
@@ -164,6 +144,94 @@ fn decode_into(buf: &[u8], out: &mut EventBatch, bufs: &mut Buffers) -> Result<(
         return Err(err(r.pos, "trailing bytes after batch"));
     }
     Ok(())
+}
+
+/// `slot` made a `BlockStored` with every field empty, keeping its hash and token buffers.
+fn as_stored(slot: &mut KvEvent) -> &mut BlockStored {
+    if !matches!(slot, KvEvent::BlockStored(_)) {
+        let block_hashes = match slot {
+            KvEvent::BlockRemoved(r) => std::mem::take(&mut r.block_hashes),
+            _ => Vec::new(),
+        };
+        *slot = KvEvent::BlockStored(BlockStored {
+            block_hashes,
+            ..BlockStored::default()
+        });
+    }
+    let KvEvent::BlockStored(s) = slot else {
+        unreachable!("made a BlockStored above")
+    };
+    // Every field, named, so that a new field cannot be forgotten here.
+    let BlockStored {
+        block_hashes,
+        parent_block_hash,
+        token_ids,
+        block_size,
+        lora_id,
+        medium,
+        lora_name,
+        extra_keys,
+        group_idx,
+        kv_cache_spec_kind,
+        kv_cache_spec_sliding_window,
+        locality,
+        ownership,
+        session_id,
+    } = s;
+    block_hashes.clear();
+    *parent_block_hash = None;
+    token_ids.clear();
+    *block_size = 0;
+    *lora_id = None;
+    *medium = None;
+    *lora_name = None;
+    *extra_keys = None;
+    *group_idx = None;
+    *kv_cache_spec_kind = None;
+    *kv_cache_spec_sliding_window = None;
+    *locality = None;
+    *ownership = None;
+    *session_id = None;
+    s
+}
+
+/// `slot` made a `BlockRemoved` with every field empty, keeping its hash buffer.
+fn as_removed(slot: &mut KvEvent) -> &mut BlockRemoved {
+    if !matches!(slot, KvEvent::BlockRemoved(_)) {
+        let block_hashes = match slot {
+            KvEvent::BlockStored(s) => std::mem::take(&mut s.block_hashes),
+            _ => Vec::new(),
+        };
+        *slot = KvEvent::BlockRemoved(BlockRemoved {
+            block_hashes,
+            ..BlockRemoved::default()
+        });
+    }
+    let KvEvent::BlockRemoved(r) = slot else {
+        unreachable!("made a BlockRemoved above")
+    };
+    let BlockRemoved {
+        block_hashes,
+        medium,
+        group_idx,
+        locality,
+        ownership,
+    } = r;
+    block_hashes.clear();
+    *medium = None;
+    *group_idx = None;
+    *locality = None;
+    *ownership = None;
+    r
+}
+
+/// The hash buffer of an event, if it has one.
+fn hash_buffer(ev: &KvEvent) -> Option<&Vec<EngineHash>> {
+    match ev {
+        KvEvent::BlockStored(s) => Some(&s.block_hashes),
+        KvEvent::BlockRemoved(r) => Some(&r.block_hashes),
+        KvEvent::AllBlocksCleared => None,
+    }
 }
 
 /// The type tag of an event.
@@ -789,73 +857,189 @@ impl<'a> Reader<'a> {
     /// Each event is decoded in place into a `BlockStored` pushed onto the vector (the struct is
     /// large; building it elsewhere and moving it in costs several copies per event), which is
     /// then turned into the event its tag names.
-    fn events(&mut self, events: &mut Vec<KvEvent>, bufs: &mut Buffers) -> Result<()> {
+    /// The batch's events, decoded over the `init` events initialised in the memory of
+    /// `events` (its length and past it); those past the batch's last stay there, out of sight.
+    fn events(&mut self, events: &mut Vec<KvEvent>, init: &mut usize) -> Result<()> {
+        debug_assert!(*init >= events.len() && *init <= events.capacity());
+        #[allow(unsafe_code)]
+        // SAFETY: the first `init` events of the vector's memory are initialised: the vector
+        // held them all when `init` was last set, and nothing has touched the vector since (the
+        // owner hands it out only behind a shared reference).
+        unsafe {
+            events.set_len(*init)
+        };
+        let mut used = 0;
+        let res = self.events_over(events, &mut used);
+        // Pushes may have grown (and moved) the vector: all its events are initialised.
+        *init = events.len();
+        #[allow(unsafe_code)]
+        // SAFETY: `used <= len`; the events past `used` stay initialised, counted by `init`,
+        // and are dropped by the owner (or decoded over by the next batch).
+        unsafe {
+            events.set_len(used)
+        };
+        res
+    }
+
+    fn events_over(&mut self, events: &mut Vec<KvEvent>, used: &mut usize) -> Result<()> {
         let n = self.array_len()?;
         events.reserve(n.min(self.remaining() / MIN_EVENT_BYTES));
         for _ in 0..n {
-            let start = self.pos;
-            events.push(KvEvent::BlockStored(BlockStored {
-                block_hashes: bufs.hashes.pop().unwrap_or_default(),
-                token_ids: bufs.tokens.pop().unwrap_or_default(),
-                ..BlockStored::default()
-            }));
+            if *used == events.len() {
+                events.push(KvEvent::AllBlocksCleared);
+            }
             // The next event's hash buffer is cold by now (a batch was applied since it was
             // last written): fetch it while this event decodes.
-            if let Some(next) = bufs.hashes.last() {
+            if let Some(next) = events.get(*used + 1).and_then(hash_buffer) {
                 crate::table::prefetch_line(next.as_ptr());
             }
-            let Some(slot) = events.last_mut() else {
-                return Err(err(start, "internal error: event slot missing")); // unreachable
-            };
-            let KvEvent::BlockStored(acc) = slot else {
-                return Err(err(start, "internal error: event slot missing")); // unreachable
-            };
-            let (tag, seen) = match self.peek()? {
-                0x80..=0x8f | 0xde | 0xdf => self.map_event(start, acc)?,
-                0x90..=0x9f | 0xdc | 0xdd => self.array_event(start, acc)?,
-                _ => return Err(err(start, "event is neither a map nor an array")),
-            };
-            let has = |f: Field| seen & f.bit() != 0;
-            match tag {
-                Tag::Stored => {
-                    if !has(Field::BlockHashes) {
-                        return Err(err(start, "BlockStored has no block_hashes"));
-                    }
-                    if !has(Field::TokenIds) {
-                        return Err(err(start, "BlockStored has no token_ids"));
-                    }
-                    if !has(Field::BlockSize) {
-                        return Err(err(start, "BlockStored has no block_size"));
-                    }
-                }
-                Tag::Removed => {
-                    if !has(Field::BlockHashes) {
-                        return Err(err(start, "BlockRemoved has no block_hashes"));
-                    }
-                    let acc = std::mem::take(acc);
-                    bufs.put_tokens(acc.token_ids);
-                    *slot = KvEvent::BlockRemoved(BlockRemoved {
-                        block_hashes: acc.block_hashes,
-                        medium: acc.medium,
-                        group_idx: acc.group_idx,
-                        locality: acc.locality,
-                        ownership: acc.ownership,
-                    });
-                }
-                Tag::Cleared => bufs.keep(std::mem::replace(slot, KvEvent::AllBlocksCleared)),
-                Tag::Unknown => {
-                    if let Some(ev) = events.pop() {
-                        bufs.keep(ev);
-                    }
-                }
+            if self.event(&mut events[*used])? {
+                *used += 1;
             }
         }
         Ok(())
     }
 
-    /// A tagged-map event, read into `acc`; returns its tag and the fields seen.
-    fn map_event(&mut self, start: usize, acc: &mut BlockStored) -> Result<(Tag, u16)> {
-        let n = self.map_len()?;
+    /// One event, decoded over `slot`; false for an event of an unknown type (skipped).
+    fn event(&mut self, slot: &mut KvEvent) -> Result<bool> {
+        let start = self.pos;
+        // The type first: arrays always begin with it, and vLLM writes it first in maps. A map
+        // that names it later is read field by field into an accumulator.
+        let (tag, positional, count) = match self.peek()? {
+            0x90..=0x9f | 0xdc | 0xdd => {
+                let n = self.array_len()?;
+                if n == 0 {
+                    return Err(err(start, "event array is empty"));
+                }
+                let at = self.pos;
+                let name = self
+                    .try_str_bytes()?
+                    .ok_or_else(|| err(at, "event type is not a string"))?;
+                (Tag::from_name(name), true, n - 1)
+            }
+            0x80..=0x8f | 0xde | 0xdf => {
+                let n = self.map_len()?;
+                let first = self.pos;
+                if n > 0 && self.try_str_bytes()? == Some(b"type".as_slice()) {
+                    let at = self.pos;
+                    let name = self
+                        .try_str_bytes()?
+                        .ok_or_else(|| err(at, "event type is not a string"))?;
+                    (Tag::from_name(name), false, n - 1)
+                } else {
+                    self.pos = first;
+                    return self.any_map_event(start, n, slot);
+                }
+            }
+            _ => return Err(err(start, "event is neither a map nor an array")),
+        };
+        match tag {
+            Tag::Stored => {
+                let s = as_stored(slot);
+                let seen = self.fields(tag, positional, count, |r, f| r.field(f, s))?;
+                Self::check_stored(start, seen)?;
+            }
+            Tag::Removed => {
+                let ev = as_removed(slot);
+                let seen = self.fields(tag, positional, count, |r, f| r.removed_field(f, ev))?;
+                if seen & Field::BlockHashes.bit() == 0 {
+                    return Err(err(start, "BlockRemoved has no block_hashes"));
+                }
+            }
+            Tag::Cleared | Tag::Unknown => {
+                self.fields(tag, positional, count, |r, _| r.skip_value())?;
+                if tag == Tag::Unknown {
+                    return Ok(false);
+                }
+                *slot = KvEvent::AllBlocksCleared;
+            }
+        }
+        Ok(true)
+    }
+
+    fn check_stored(start: usize, seen: u16) -> Result<()> {
+        let has = |f: Field| seen & f.bit() != 0;
+        if !has(Field::BlockHashes) {
+            return Err(err(start, "BlockStored has no block_hashes"));
+        }
+        if !has(Field::TokenIds) {
+            return Err(err(start, "BlockStored has no token_ids"));
+        }
+        if !has(Field::BlockSize) {
+            return Err(err(start, "BlockStored has no block_size"));
+        }
+        Ok(())
+    }
+
+    /// The `count` fields of an event of type `tag` after its type (positional, or map
+    /// entries), each of the type's own passed to `read`, the rest skipped; returns the fields
+    /// read.
+    fn fields(
+        &mut self,
+        tag: Tag,
+        positional: bool,
+        count: usize,
+        mut read: impl FnMut(&mut Self, Field) -> Result<()>,
+    ) -> Result<u16> {
+        let order: &[Field] = match tag {
+            Tag::Stored => &STORED_ORDER,
+            Tag::Removed => &REMOVED_ORDER,
+            Tag::Cleared | Tag::Unknown => &[],
+        };
+        let mut seen = 0u16;
+        for i in 0..count {
+            let field = if positional {
+                order.get(i).copied()
+            } else {
+                match self.try_str_bytes()? {
+                    Some(key) => Field::from_key(key).filter(|f| f.belongs_to(Some(tag))),
+                    None => {
+                        // A non-string key cannot name a field.
+                        self.skip_value()?;
+                        None
+                    }
+                }
+            };
+            match field {
+                Some(f) => {
+                    read(self, f)?;
+                    seen |= f.bit();
+                }
+                None => self.skip_value()?,
+            }
+        }
+        Ok(seen)
+    }
+
+    /// A map event whose type is not its first entry: read into a `BlockStored` accumulator
+    /// (fields may come before the type), then made the event its type names.
+    fn any_map_event(&mut self, start: usize, n: usize, slot: &mut KvEvent) -> Result<bool> {
+        let acc = as_stored(slot);
+        let (tag, seen) = self.map_event(start, n, acc)?;
+        match tag {
+            Tag::Stored => Self::check_stored(start, seen)?,
+            Tag::Removed => {
+                if seen & Field::BlockHashes.bit() == 0 {
+                    return Err(err(start, "BlockRemoved has no block_hashes"));
+                }
+                let acc = std::mem::take(acc);
+                *slot = KvEvent::BlockRemoved(BlockRemoved {
+                    block_hashes: acc.block_hashes,
+                    medium: acc.medium,
+                    group_idx: acc.group_idx,
+                    locality: acc.locality,
+                    ownership: acc.ownership,
+                });
+            }
+            Tag::Cleared => *slot = KvEvent::AllBlocksCleared,
+            Tag::Unknown => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The `n` entries of a tagged-map event, read into `acc`; returns its tag and the fields
+    /// seen.
+    fn map_event(&mut self, start: usize, n: usize, acc: &mut BlockStored) -> Result<(Tag, u16)> {
         let mut tag = None;
         let mut seen = 0u16;
         for _ in 0..n {
@@ -885,34 +1069,17 @@ impl<'a> Reader<'a> {
         Ok((tag, seen))
     }
 
-    /// A legacy positional event `[tag, field...]`, read into `acc`; returns its tag and the
-    /// fields seen.
-    fn array_event(&mut self, start: usize, acc: &mut BlockStored) -> Result<(Tag, u16)> {
-        let n = self.array_len()?;
-        if n == 0 {
-            return Err(err(start, "event array is empty"));
+    /// Reads field `f` of a `BlockRemoved` into `ev`.
+    fn removed_field(&mut self, f: Field, ev: &mut BlockRemoved) -> Result<()> {
+        match f {
+            Field::BlockHashes => self.hashes(&mut ev.block_hashes)?,
+            Field::Medium => ev.medium = self.opt_str()?.map(Medium::parse),
+            Field::GroupIdx => ev.group_idx = self.opt_i64()?,
+            Field::Locality => ev.locality = self.opt_string()?,
+            Field::Ownership => ev.ownership = self.opt_string()?,
+            _ => self.skip_value()?,
         }
-        let at = self.pos;
-        let name = self
-            .try_str_bytes()?
-            .ok_or_else(|| err(at, "event type is not a string"))?;
-        let tag = Tag::from_name(name);
-        let order: &[Field] = match tag {
-            Tag::Stored => &STORED_ORDER,
-            Tag::Removed => &REMOVED_ORDER,
-            Tag::Cleared | Tag::Unknown => &[],
-        };
-        let mut seen = 0u16;
-        for i in 0..n - 1 {
-            match order.get(i) {
-                Some(&f) => {
-                    self.field(f, acc)?;
-                    seen |= f.bit();
-                }
-                None => self.skip_value()?,
-            }
-        }
-        Ok((tag, seen))
+        Ok(())
     }
 
     /// Reads field `f` into `acc` (which doubles as the accumulator for `BlockRemoved`).

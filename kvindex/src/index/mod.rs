@@ -11,7 +11,11 @@
 //! * **Aliases** map an engine's own block hash (opaque, as published in its events) to the key
 //!   kvmesh computed for that block. Aliases are shared between engines: engines with the same hash
 //!   algorithm and seed agree on them, and a 64-bit collision between different ones is counted.
-//!   Aliases whose key no engine holds any more are collected when the alias table is rebuilt.
+//!   A removal that leaves a block with no holder marks its alias dead in place (the removal
+//!   names the alias, and its slot is in cache then); marked aliases still resolve tier events
+//!   and parents that come late, and are dropped by the next sweep or rebuild of the alias
+//!   table. Aliases of blocks evicted or purged (which name no alias) are found by a cleaning
+//!   pass that looks up each alias's block.
 //! * **Reference counts.** A block announced twice by one engine on one tier needs two removals;
 //!   the rare counts above one live in a side map.
 //!
