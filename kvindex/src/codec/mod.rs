@@ -852,13 +852,9 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// The batch's event array. Events of unknown type are dropped.
-    ///
-    /// Each event is decoded in place into a `BlockStored` pushed onto the vector (the struct is
-    /// large; building it elsewhere and moving it in costs several copies per event), which is
-    /// then turned into the event its tag names.
-    /// The batch's events, decoded over the `init` events initialised in the memory of
-    /// `events` (its length and past it); those past the batch's last stay there, out of sight.
+    /// The batch's event array (events of unknown type are dropped), decoded over the `init`
+    /// events initialised in the memory of `events` (its length and past it); those past the
+    /// batch's last stay there, out of sight.
     fn events(&mut self, events: &mut Vec<KvEvent>, init: &mut usize) -> Result<()> {
         debug_assert!(*init >= events.len() && *init <= events.capacity());
         #[allow(unsafe_code)]
@@ -937,14 +933,12 @@ impl<'a> Reader<'a> {
             Tag::Stored => {
                 let s = as_stored(slot);
                 let seen = self.fields(tag, positional, count, |r, f| r.field(f, s))?;
-                Self::check_stored(start, seen)?;
+                Self::check_required(tag, start, seen)?;
             }
             Tag::Removed => {
                 let ev = as_removed(slot);
                 let seen = self.fields(tag, positional, count, |r, f| r.removed_field(f, ev))?;
-                if seen & Field::BlockHashes.bit() == 0 {
-                    return Err(err(start, "BlockRemoved has no block_hashes"));
-                }
+                Self::check_required(tag, start, seen)?;
             }
             Tag::Cleared | Tag::Unknown => {
                 self.fields(tag, positional, count, |r, _| r.skip_value())?;
@@ -957,18 +951,22 @@ impl<'a> Reader<'a> {
         Ok(true)
     }
 
-    fn check_stored(start: usize, seen: u16) -> Result<()> {
-        let has = |f: Field| seen & f.bit() != 0;
-        if !has(Field::BlockHashes) {
-            return Err(err(start, "BlockStored has no block_hashes"));
+    /// An event of type `tag` starting at `start` with the fields `seen` has every field its
+    /// type requires.
+    fn check_required(tag: Tag, start: usize, seen: u16) -> Result<()> {
+        let required: &[(Field, &'static str)] = match tag {
+            Tag::Stored => &[
+                (Field::BlockHashes, "BlockStored has no block_hashes"),
+                (Field::TokenIds, "BlockStored has no token_ids"),
+                (Field::BlockSize, "BlockStored has no block_size"),
+            ],
+            Tag::Removed => &[(Field::BlockHashes, "BlockRemoved has no block_hashes")],
+            Tag::Cleared | Tag::Unknown => &[],
+        };
+        match required.iter().find(|(f, _)| seen & f.bit() == 0) {
+            Some((_, reason)) => Err(err(start, reason)),
+            None => Ok(()),
         }
-        if !has(Field::TokenIds) {
-            return Err(err(start, "BlockStored has no token_ids"));
-        }
-        if !has(Field::BlockSize) {
-            return Err(err(start, "BlockStored has no block_size"));
-        }
-        Ok(())
     }
 
     /// The `count` fields of an event of type `tag` after its type (positional, or map
@@ -1016,12 +1014,10 @@ impl<'a> Reader<'a> {
     fn any_map_event(&mut self, start: usize, n: usize, slot: &mut KvEvent) -> Result<bool> {
         let acc = as_stored(slot);
         let (tag, seen) = self.map_event(start, n, acc)?;
+        Self::check_required(tag, start, seen)?;
         match tag {
-            Tag::Stored => Self::check_stored(start, seen)?,
+            Tag::Stored => {}
             Tag::Removed => {
-                if seen & Field::BlockHashes.bit() == 0 {
-                    return Err(err(start, "BlockRemoved has no block_hashes"));
-                }
                 let acc = std::mem::take(acc);
                 *slot = KvEvent::BlockRemoved(BlockRemoved {
                     block_hashes: acc.block_hashes,

@@ -395,8 +395,9 @@ struct Writer {
     blocks_occ: Occupancy,
     aliases_occ: Occupancy,
     distinct: usize,
-    /// Keys that lost their last holder since the alias table was last cleaned: an upper bound
-    /// on its dead aliases, which decides between growing it and cleaning it.
+    /// Keys that lost their last holder by eviction or engine purge (which name no alias, so
+    /// their aliases stay unmarked) since the alias table was last cleaned: an upper bound on
+    /// its unmarked dead aliases, which decides between sweeping, growing and cleaning it.
     dead_aliases: usize,
     /// Alias slots marked dead (their block lost its last holder through a removal, which names
     /// the alias): dropped for free when the alias table is rebuilt or swept, found meanwhile by
